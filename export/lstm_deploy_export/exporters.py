@@ -1,0 +1,152 @@
+"""Exporters: TorchScript (torch.jit.script) and ONNX (torch.onnx.export(dynamo=True))."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+import lstm_deploy
+from lstm_deploy import LSTM
+from lstm_deploy_export.graphs import DeployLSTM, NativeOnnxLSTM, ScanOnnxLSTM
+from lstm_deploy_export.signature import BATCH, SEQUENCE, Signature, signature
+
+OPSET = 18
+FORBIDDEN_OPS = frozenset({"Loop", "SequenceEmpty", "SequenceConstruct", "ConcatFromSequence"})
+
+
+def model_signature(model: LSTM) -> Signature:
+    c = model.config
+    return signature(c.input_size, c.hidden_size, c.num_layers, c.bidirectional, c.proj_size)
+
+
+def example_inputs(model: LSTM, batch: int = 2, steps: int = 3) -> tuple[torch.Tensor, ...]:
+    """Inputs of the deployed signature: random input, full lengths, zero state.
+
+    Batch 2 and 3 steps: sizes that no test or user shape depends on (1 would be specialised).
+    """
+    sig = model_signature(model)
+    p = next(model.parameters())
+    shapes = {BATCH: batch, SEQUENCE: steps}
+    tensors = []
+    for spec in sig.inputs:
+        shape = [shapes.get(s, s) if isinstance(s, str) else s for s in spec.shape]
+        if spec.name == "lengths":
+            tensors.append(torch.full(shape, steps, dtype=torch.int64))
+        elif spec.name == "input":
+            tensors.append(torch.randn(shape, dtype=p.dtype))
+        else:
+            tensors.append(torch.zeros(shape, dtype=p.dtype))
+    return tuple(tensors)
+
+
+def export_torchscript(model: LSTM, path: str | Path) -> Path:
+    """`model.pt`: the scratch module scripted (not traced) behind the deployed signature."""
+    scripted = torch.jit.script(DeployLSTM(model))
+    torch.jit.save(scripted, str(path))
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    # The dynamo exporter warns and logs about its own internals (torchvision ops it skips, pytree
+    # deprecations, unused axis names): nothing a user of this package can act on.
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
+    """`model.onnx` (kind "lstm": native LSTM ops) or `model.scan.onnx` (kind "scan")."""
+    graphs: dict[str, type[nn.Module]] = {"lstm": NativeOnnxLSTM, "scan": ScanOnnxLSTM}
+    if kind not in graphs:
+        raise ValueError(f"unknown ONNX graph kind {kind!r}; expected one of {sorted(graphs)}")
+    module = graphs[kind](model).eval()
+    sig = model_signature(model)
+    batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)
+    dynamic = {
+        t.name: {i: (batch if s == BATCH else seq) for i, s in enumerate(t.shape) if isinstance(s, str)}
+        for t in sig.inputs
+    }
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            example_inputs(model),
+            dynamo=True,
+            input_names=sig.input_names,
+            output_names=sig.output_names,
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            verbose=False,
+        )
+    assert program is not None
+    proto = program.model_proto
+    _name_dynamic_axes(proto, sig)
+    onnx.helper.set_model_props(
+        proto,
+        {
+            "lstm_deploy.version": lstm_deploy.__version__,
+            "lstm_deploy.config": json.dumps(model.config.to_dict()),
+            "lstm_deploy.graph": kind,
+        },
+    )
+    check_onnx(proto)
+    onnx.save(proto, str(path))
+    return Path(path)
+
+
+def _name_dynamic_axes(proto: onnx.ModelProto, sig: Signature) -> None:
+    # The exporter names each dynamic axis after one of the inputs that share it; name them all
+    # "batch" and "sequence", as the signature (and every consumer of the graph) does.
+    specs = {t.name: t for t in (*sig.inputs, *sig.outputs)}
+    for value in (*proto.graph.input, *proto.graph.output):
+        spec = specs[value.name]
+        for dim, s in zip(value.type.tensor_type.shape.dim, spec.shape):
+            if isinstance(s, str):
+                dim.dim_param = s
+            else:
+                dim.dim_value = s
+
+
+def check_onnx(proto: onnx.ModelProto) -> None:
+    """The checker's full check, and none of the ops that TensorRT cannot load."""
+    onnx.checker.check_model(proto, full_check=True)
+    found = FORBIDDEN_OPS & op_types(proto)
+    if found:
+        raise AssertionError(f"the ONNX graph contains {sorted(found)}, which must not appear")
+
+
+def op_types(proto: onnx.ModelProto) -> set[str]:
+    """Every op type in the graph, its subgraphs and its local functions."""
+    types: set[str] = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            types.add(node.op_type)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                for g in attr.graphs:
+                    visit(g)
+
+    visit(proto.graph)
+    for f in proto.functions:
+        for node in f.node:
+            types.add(node.op_type)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+    return types

@@ -1,0 +1,50 @@
+"""ONNX Runtime: load ``model.onnx`` and predict on numpy. The runtime is an explicit choice."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+class OnnxModel:
+    """One ONNX Runtime session over a bundle's ``model.onnx``.
+
+    Args:
+        bundle: a loaded bundle (its model.onnx already verified against the manifest).
+        providers: execution providers, in order of preference; CPU unless asked otherwise.
+        intra_op_threads: threads per run (0: ONNX Runtime's choice, one per core).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[str] = DEFAULT_PROVIDERS,
+        intra_op_threads: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        try:
+            self.session = ort.InferenceSession(
+                str(bundle.model_path), sess_options=options, providers=list(providers)
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {e}") from None
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        wanted = {t.name for t in bundle.spec.inputs}
+        if graph_inputs != wanted:
+            raise BundleError(
+                f"{bundle.model_path} has inputs {sorted(graph_inputs)}, the manifest says {sorted(wanted)}"
+            )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph once on a complete, batch-first set of inputs."""
+        values = self.session.run(self.output_names, dict(feeds))
+        return dict(zip(self.output_names, values, strict=True))

@@ -1,0 +1,182 @@
+"""The dynamic batcher: an asyncio queue in front of the model, as Triton's dynamic batcher.
+
+Requests wait in a bounded queue. The batcher takes the oldest and, for up to
+``max_queue_delay_s`` after it arrived, adds whatever else arrives while the merged batch stays
+within ``max_batch_size`` rows; then it runs them as one model execution (``batching``'s
+pad-merge-split, in a worker thread so the event loop keeps accepting) and hands each request its
+own slice. While one batch runs the next one fills, so under load batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batching import pad_and_merge, split
+from .errors import ServerFault, ServingError, Unavailable
+from .metrics import Metrics
+
+Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class _Item:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[dict[str, np.ndarray]]
+    enqueued: float
+    deadline: float | None
+
+
+class DynamicBatcher:
+    """Merge concurrent requests into model executions.
+
+    Args:
+        predict: runs one complete, batch-first set of inputs (called in a worker thread).
+        max_batch_size: most rows in one execution (a request's rows are never split).
+        max_queue_delay_s: how long the oldest request may wait for others to join it.
+        max_queue_size: most requests waiting; past it ``submit`` raises Unavailable (503).
+        dynamic: False runs each request alone, in arrival order (no merging).
+        metrics: counters to update (queue and compute time, executions, pending).
+    """
+
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int = 1024,
+        dynamic: bool = True,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._predict = predict
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.dynamic = dynamic
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._queue: deque[_Item] = deque()
+        self._arrived = asyncio.Event()
+        self._closing = False
+        self._running_rows = 0
+        self._task: asyncio.Task[None] | None = None
+        # One worker: one execution at a time, as a Triton model instance.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstm-batcher")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Refuse new requests, run every queued one, then stop."""
+        self._closing = True
+        self._arrived.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + (1 if self._running_rows else 0)
+
+    async def submit(
+        self, inputs: dict[str, np.ndarray], timeout_s: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Queue one complete request; its outputs once its batch has run.
+
+        ``timeout_s``: the request fails with 503 if it has not started running by then.
+        """
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if len(self._queue) >= self.max_queue_size:
+            raise Unavailable(
+                f"the request queue is full ({self.max_queue_size} waiting); retry later"
+            )
+        now = time.perf_counter()
+        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        deadline = None if timeout_s is None else now + timeout_s
+        self._queue.append(_Item(inputs, int(inputs["input"].shape[0]), future, now, deadline))
+        self._update_pending()
+        self._arrived.set()
+        return await future
+
+    def _update_pending(self) -> None:
+        self.metrics.pending_request_count = len(self._queue) + (1 if self._running_rows else 0)
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch = await self._gather()
+            await self._execute(batch)
+
+    async def _gather(self) -> list[_Item]:
+        first = self._queue.popleft()
+        batch, rows = [first], first.rows
+        window_end = first.enqueued + self.max_queue_delay_s
+        while self.dynamic:
+            while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+                item = self._queue.popleft()
+                batch.append(item)
+                rows += item.rows
+            remaining = window_end - time.perf_counter()
+            if rows >= self.max_batch_size or self._queue or remaining <= 0 or self._closing:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return batch
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        live = []
+        for item in batch:
+            if item.future.done():  # the caller went away
+                continue
+            if item.deadline is not None and start > item.deadline:
+                item.future.set_exception(Unavailable("request timeout expired in the queue"))
+                continue
+            live.append(item)
+        if not live:
+            return
+        self._running_rows = sum(item.rows for item in live)
+        self._update_pending()
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run, [item.inputs for item in live]
+            )
+        except ServingError as e:
+            results = [e] * len(live)
+        except Exception as e:  # a fault in the runtime: every request of the batch fails
+            results = [ServerFault(f"inference failed: {type(e).__name__}: {e}")] * len(live)
+        end = time.perf_counter()
+        self._running_rows = 0
+        self._update_pending()
+        m = self.metrics
+        m.exec_count += 1
+        m.compute_infer_duration_us += int((end - start) * 1e6)
+        for item, result in zip(live, results, strict=True):
+            m.queue_duration_us += int((start - item.enqueued) * 1e6)
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                m.inference_count += item.rows
+                item.future.set_result(result)
+
+    def _run(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        merged, plan = pad_and_merge(requests)
+        return split(self._predict(merged), plan)
