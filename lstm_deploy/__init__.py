@@ -25,4 +25,5 @@ __all__ = [
     "lstm_cell",
     "lstm_layer",
     "save_safetensors",
+    "seed_init_",
 ]

@@ -7,7 +7,7 @@ module are TorchScript-scriptable (proven by tests/test_model_script.py).
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, List, Optional, Tuple  # TorchScript resolves typing's generics
+from typing import Any, ClassVar, List, Optional, Tuple  # TorchScript resolves typing's generics
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,9 @@ class LSTMConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown LSTM config keys {unknown}; expected a subset of {sorted(known)}")
+            raise ValueError(
+                f"unknown LSTM config keys {unknown}; expected a subset of {sorted(known)}"
+            )
         return cls(**d)
 
     @property
@@ -53,7 +55,7 @@ class LSTMConfig:
 def lstm_cell(
     xw: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor, weight_hr: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
-    """One time step. `xw` is the step's input projection W_ih x_t + b_ih + b_hh, already computed."""
+    """One time step; `xw` is the step's input projection W_ih x_t + b_ih + b_hh, precomputed."""
     gates = torch.addmm(xw, h, weight_hh.t())  # (B, 4H)
     i, f, g, o = gates.chunk(4, 1)  # (B, H) each
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -129,8 +131,8 @@ class LSTM(nn.Module):
         RuntimeError / TypeError: for a bad input, naming the expected and the actual shape/dtype.
     """
 
-    __jit_unused_properties__ = ["config"]
-    __constants__ = [
+    __jit_unused_properties__: ClassVar = ["config"]
+    __constants__: ClassVar = [
         "input_size",
         "hidden_size",
         "num_layers",
@@ -364,7 +366,8 @@ def _check_config(
         raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
     if not isinstance(proj_size, int) or proj_size < 0:
         raise ValueError(
-            f"proj_size should be a positive integer or zero to disable projections, got {proj_size!r}"
+            "proj_size should be a positive integer or zero to disable projections, "
+            f"got {proj_size!r}"
         )
     if proj_size >= hidden_size:
         raise ValueError(

@@ -15,7 +15,20 @@ from torch import Tensor
 
 from lstm_deploy.model import LSTM
 
-SEED_ORDER = ("W_xc", "W_hc", "b_c", "W_xi", "W_hi", "b_i", "W_xf", "W_hf", "b_f", "W_xo", "W_ho", "b_o")
+SEED_ORDER = (
+    "W_xc",
+    "W_hc",
+    "b_c",
+    "W_xi",
+    "W_hi",
+    "b_i",
+    "W_xf",
+    "W_hf",
+    "b_f",
+    "W_xo",
+    "W_ho",
+    "b_o",
+)
 
 
 def from_seed_tensors(tensors: Sequence[object], batch_first: bool = True) -> LSTM:
@@ -24,7 +37,9 @@ def from_seed_tensors(tensors: Sequence[object], batch_first: bool = True) -> LS
     The seed's single bias per gate goes to `bias_ih_l0`; `bias_hh_l0` is zero.
     """
     if len(tensors) != len(SEED_ORDER):
-        raise ValueError(f"expected the seed's {len(SEED_ORDER)} tensors {SEED_ORDER}, got {len(tensors)}")
+        raise ValueError(
+            f"expected the seed's {len(SEED_ORDER)} tensors {SEED_ORDER}, got {len(tensors)}"
+        )
     t = {name: torch.as_tensor(v) for name, v in zip(SEED_ORDER, tensors)}
     input_size, hidden_size = t["W_xi"].shape
     for name, value in t.items():
@@ -33,7 +48,9 @@ def from_seed_tensors(tensors: Sequence[object], batch_first: bool = True) -> LS
             kind, (hidden_size,)
         )
         if tuple(value.shape) != shape:
-            raise ValueError(f"seed tensor {name}: expected shape {list(shape)}, got {list(value.shape)}")
+            raise ValueError(
+                f"seed tensor {name}: expected shape {list(shape)}, got {list(value.shape)}"
+            )
     dtype = t["W_xi"].dtype if t["W_xi"].is_floating_point() else torch.float32
     model = LSTM(int(input_size), int(hidden_size), batch_first=batch_first, dtype=dtype)
     gates = ("i", "f", "c", "o")  # the seed's c~ is torch.nn.LSTM's g
@@ -66,9 +83,7 @@ def last_valid_output(output: Tensor, lengths: Tensor, batch_first: bool = True)
     if not batch_first:
         output = output.transpose(0, 1)  # (B, T, F)
     if lengths.dim() != 1 or lengths.size(0) != output.size(0):
-        raise ValueError(
-            f"expected lengths of shape [{output.size(0)}], got {list(lengths.shape)}"
-        )
+        raise ValueError(f"expected lengths of shape [{output.size(0)}], got {list(lengths.shape)}")
     if bool((lengths < 1).any()) or bool((lengths > output.size(1)).any()):
         raise ValueError(f"every length must be in [1, {output.size(1)}]")
     index = (lengths.to(output.device) - 1).view(-1, 1, 1).expand(-1, 1, output.size(2))

@@ -45,7 +45,7 @@ def load_safetensors(path: str | Path, **factory: object) -> LSTM:
             "config_from_state_dict)"
         )
     config = LSTMConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-    model = LSTM.from_config(config, **factory)  # type: ignore[arg-type]
+    model = LSTM.from_config(config, **factory)
     _load(model, tensors, str(path))
     return model
 
@@ -80,7 +80,9 @@ def config_from_state_dict(
     layers = 1 + max(int(_NAME.match(k).group(2)) for k in state_dict)  # type: ignore[union-attr]
     proj = state_dict["weight_hr_l0"].size(0) if "weight_hr_l0" in state_dict else 0
     if w_hh.dim() != 2 or w_hh.size(1) != (proj or hidden):
-        raise WeightsError(f"weight_hh_l0 has shape {list(w_hh.shape)}, inconsistent with weight_ih_l0")
+        raise WeightsError(
+            f"weight_hh_l0 has shape {list(w_hh.shape)}, inconsistent with weight_ih_l0"
+        )
     return LSTMConfig(
         input_size=w_ih.size(1),
         hidden_size=hidden,

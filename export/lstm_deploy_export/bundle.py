@@ -1,4 +1,4 @@
-"""The bundle: a directory of artifacts with a manifest that pins versions, signature and checksums."""
+"""The bundle: a directory of artifacts and a manifest pinning versions, signature, checksums."""
 
 from __future__ import annotations
 
@@ -108,7 +108,9 @@ def export_bundle(
         raise BundleError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise BundleError(f"{out} is not empty; pass --force to overwrite it, or choose another --out")
+            raise BundleError(
+                f"{out} is not empty; pass --force to overwrite it, or choose another --out"
+            )
         for name in [MANIFEST, WEIGHTS, *ARTIFACTS.values(), "triton"]:
             target = out / name
             if target.is_dir():
@@ -164,7 +166,9 @@ def load_bundle(path: str | Path) -> Bundle:
     root = Path(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
-        raise BundleError(f"{root}: no {MANIFEST}; is this a bundle written by `lstm-deploy export`?")
+        raise BundleError(
+            f"{root}: no {MANIFEST}; is this a bundle written by `lstm-deploy export`?"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

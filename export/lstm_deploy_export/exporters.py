@@ -37,7 +37,7 @@ def example_inputs(model: LSTM, batch: int = 2, steps: int = 3) -> tuple[torch.T
     shapes = {BATCH: batch, SEQUENCE: steps}
     tensors = []
     for spec in sig.inputs:
-        shape = [shapes.get(s, s) if isinstance(s, str) else s for s in spec.shape]
+        shape = [shapes[s] if isinstance(s, str) else s for s in spec.shape]
         if spec.name == "lengths":
             tensors.append(torch.full(shape, steps, dtype=torch.int64))
         elif spec.name == "input":
@@ -78,7 +78,9 @@ def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
     sig = model_signature(model)
     batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)
     dynamic = {
-        t.name: {i: (batch if s == BATCH else seq) for i, s in enumerate(t.shape) if isinstance(s, str)}
+        t.name: {
+            i: (batch if s == BATCH else seq) for i, s in enumerate(t.shape) if isinstance(s, str)
+        }
         for t in sig.inputs
     }
     with _quiet_exporter(), torch.no_grad():

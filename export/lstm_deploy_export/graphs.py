@@ -28,7 +28,7 @@ class ExportError(ValueError):
 
 
 def _batch_first_copy(model: LSTM) -> LSTM:
-    """An eval-mode, batch-first copy of the model with the same weights (dropout is training-only)."""
+    """An eval-mode, batch-first copy of the model with the same weights (no dropout)."""
     config = dataclasses.replace(model.config, batch_first=True, dropout=0.0)
     p = next(model.parameters())
     copy = LSTM.from_config(config, device=p.device, dtype=p.dtype)
