@@ -1,0 +1,31 @@
+"""lstm_deploy_serving: serve an lstm-deploy bundle over the KServe v2 protocol, as Triton does.
+
+Reads a bundle's ``manifest.json`` and ``model.onnx`` and runs it with ONNX Runtime; never imports
+torch. Start it with ``lstm-deploy serve BUNDLE`` (or ``python -m lstm_deploy_serving serve``).
+
+The batching core and the sequence-state store are plain numpy, usable without the server
+(e.g. in a Triton python-backend ``model.py``): see ``batching`` and ``sequences``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("lstm-deploy")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+# numpy only below: the Triton python-backend model.py imports this package from a copy of
+# its numpy-only modules (batching, errors, sequences), without uvicorn or onnxruntime.
+from .batching import MergePlan, fill_defaults, pad_and_merge, split
+from .errors import ServingError
+from .sequences import SequenceStore
+
+__all__ = [
+    "MergePlan",
+    "SequenceStore",
+    "ServingError",
+    "__version__",
+    "fill_defaults",
+    "pad_and_merge",
+    "split",
+]

@@ -111,7 +111,9 @@ def read_spec(manifest: dict[str, Any]) -> ModelSpec:
             triton_config=dict(manifest["triton"][TRITON_MODEL]),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{MANIFEST} has no usable signature or triton.{TRITON_MODEL}: {e!r}") from None
+        raise BundleError(
+            f"{MANIFEST} has no usable signature or triton.{TRITON_MODEL}: {e!r}"
+        ) from None
     _check_signature(spec)
     return spec
 
@@ -130,13 +132,18 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{manifest_path} is not valid JSON: {e}") from None
     version = manifest.get("format_version")
     if version != SUPPORTED_FORMAT:
-        raise BundleError(f"{manifest_path}: format_version {version!r} (this server reads {SUPPORTED_FORMAT})")
+        raise BundleError(
+            f"{manifest_path}: format_version {version!r} (this server reads {SUPPORTED_FORMAT})"
+        )
     model = root / MODEL_FILE
     recorded = manifest.get("files", {}).get(MODEL_FILE)
     if not model.is_file():
         raise BundleError(f"{root} has no {MODEL_FILE} (export the bundle with the onnx artifact)")
     if not recorded or "sha256" not in recorded:
         raise BundleError(f"{MANIFEST} records no sha256 for {MODEL_FILE}")
-    if recorded.get("size") not in (None, model.stat().st_size) or _sha256(model) != recorded["sha256"]:
+    if (
+        recorded.get("size") not in (None, model.stat().st_size)
+        or _sha256(model) != recorded["sha256"]
+    ):
         raise BundleError(f"{model} does not match the sha256 in {MANIFEST}: the file was changed")
     return Bundle(root, manifest, read_spec(manifest))

@@ -60,7 +60,9 @@ def check_shape(name: str, shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+        raise BadRequest(
+            f"input '{name}': shape must be a list of non-negative integers, got {shape!r}"
+        )
     return tuple(shape)
 
 
@@ -76,8 +78,7 @@ def decode_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np
     count = math.prod(shape)
     if values.size != count:
         raise BadRequest(
-            f"input '{name}': {values.size} values in data, but shape {list(shape)} "
-            f"needs {count}"
+            f"input '{name}': {values.size} values in data, but shape {list(shape)} needs {count}"
         )
     return values.astype(dtype, copy=False).reshape(shape)
 
@@ -86,7 +87,9 @@ def byte_size(datatype: str, shape: Sequence[int]) -> int:
     return dtype_of(datatype).itemsize * math.prod(shape)
 
 
-def decode_bytes(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray:
+def decode_bytes(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview
+) -> np.ndarray:
     """A tensor from its raw little-endian bytes (the binary tensor extension)."""
     dtype = dtype_of(datatype).newbyteorder("<")
     expected = dtype.itemsize * math.prod(shape)
@@ -100,7 +103,7 @@ def decode_bytes(name: str, datatype: str, shape: Sequence[int], raw: bytes | me
 
 def encode_json(array: np.ndarray) -> list[Any]:
     """A tensor's values as a flat row-major list, as Triton returns them."""
-    return array.ravel().tolist()  # type: ignore[no-any-return]
+    return array.ravel().tolist()
 
 
 def encode_bytes(array: np.ndarray) -> bytes:

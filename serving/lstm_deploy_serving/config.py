@@ -7,6 +7,8 @@ from pathlib import Path
 
 DEFAULT_MODEL_NAME = "lstm_onnx"
 MODEL_VERSION = "1"
+# The line `serve` prints once its socket listens; `launch` reads the address from it.
+ANNOUNCE = "lstm-deploy-serving: listening on"
 
 
 @dataclass(frozen=True)

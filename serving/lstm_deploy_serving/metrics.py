@@ -36,32 +36,44 @@ class Metrics:
 
 _DESCRIPTIONS: dict[str, tuple[str, str, str]] = {
     "request_success": (
-        "nv_inference_request_success", "counter", "Number of successful inference requests"
+        "nv_inference_request_success",
+        "counter",
+        "Number of successful inference requests",
     ),
     "request_failure": (
-        "nv_inference_request_failure", "counter", "Number of failed inference requests"
+        "nv_inference_request_failure",
+        "counter",
+        "Number of failed inference requests",
     ),
     "inference_count": (
-        "nv_inference_count", "counter", "Number of inferences performed (batch rows)"
+        "nv_inference_count",
+        "counter",
+        "Number of inferences performed (batch rows)",
     ),
     "exec_count": (
-        "nv_inference_exec_count", "counter", "Number of model executions (merged batches)"
+        "nv_inference_exec_count",
+        "counter",
+        "Number of model executions (merged batches)",
     ),
     "queue_duration_us": (
-        "nv_inference_queue_duration_us", "counter", "Cumulative time requests spent queued, us"
+        "nv_inference_queue_duration_us",
+        "counter",
+        "Cumulative time requests spent queued, us",
     ),
     "compute_infer_duration_us": (
-        "nv_inference_compute_infer_duration_us", "counter",
+        "nv_inference_compute_infer_duration_us",
+        "counter",
         "Cumulative time in model executions, us",
     ),
     "pending_request_count": (
-        "nv_inference_pending_request_count", "gauge", "Requests queued or executing"
+        "nv_inference_pending_request_count",
+        "gauge",
+        "Requests queued or executing",
     ),
-    "sequences_live": (
-        "lstm_deploy_sequences_live", "gauge", "Stateful sequences holding (h, c)"
-    ),
+    "sequences_live": ("lstm_deploy_sequences_live", "gauge", "Stateful sequences holding (h, c)"),
     "sequences_evicted": (
-        "lstm_deploy_sequences_evicted", "counter",
+        "lstm_deploy_sequences_evicted",
+        "counter",
         "Sequences freed by idle timeout or the live-sequence cap",
     ),
 }

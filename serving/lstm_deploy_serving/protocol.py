@@ -75,9 +75,7 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def _parse_input(
-    item: Any, binary: memoryview, offset: int
-) -> tuple[InputTensor, int]:
+def _parse_input(item: Any, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
     item = _object(item, "each of 'inputs'")
     name, datatype = item.get("name"), item.get("datatype")
     if not isinstance(name, str) or not isinstance(datatype, str):
@@ -119,9 +117,7 @@ def _parse_output(item: Any, default_binary: bool) -> RequestedOutput:
 def parse_infer_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """Parse an inference body; ``header_length`` from ``Inference-Header-Content-Length``."""
     if header_length is not None and not 0 <= header_length <= len(body):
-        raise BadRequest(
-            f"{HEADER_LENGTH} is {header_length}, but the body has {len(body)} bytes"
-        )
+        raise BadRequest(f"{HEADER_LENGTH} is {header_length}, but the body has {len(body)} bytes")
     split = len(body) if header_length is None else header_length
     try:
         header = json.loads(body[:split])

@@ -40,7 +40,8 @@ class OnnxModel:
         wanted = {t.name for t in bundle.spec.inputs}
         if graph_inputs != wanted:
             raise BundleError(
-                f"{bundle.model_path} has inputs {sorted(graph_inputs)}, the manifest says {sorted(wanted)}"
+                f"{bundle.model_path} has inputs {sorted(graph_inputs)}, "
+                f"the manifest says {sorted(wanted)}"
             )
         self.output_names = [o.name for o in self.session.get_outputs()]
 

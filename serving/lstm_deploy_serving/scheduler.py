@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +66,7 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._closing = False
-        self._running_rows = 0
+        self._taken = 0  # requests out of the queue, in the batch being formed or run
         self._task: asyncio.Task[None] | None = None
         # One worker: one execution at a time, as a Triton model instance.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstm-batcher")
@@ -80,10 +81,6 @@ class DynamicBatcher:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue) + (1 if self._running_rows else 0)
 
     async def submit(
         self, inputs: dict[str, np.ndarray], timeout_s: float | None = None
@@ -107,7 +104,7 @@ class DynamicBatcher:
         return await future
 
     def _update_pending(self) -> None:
-        self.metrics.pending_request_count = len(self._queue) + (1 if self._running_rows else 0)
+        self.metrics.pending_request_count = len(self._queue) + self._taken
 
     async def _loop(self) -> None:
         while True:
@@ -117,25 +114,29 @@ class DynamicBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             batch = await self._gather()
-            await self._execute(batch)
+            try:
+                await self._execute(batch)
+            finally:
+                self._taken = 0
+                self._update_pending()
 
     async def _gather(self) -> list[_Item]:
         first = self._queue.popleft()
         batch, rows = [first], first.rows
+        self._taken = 1
         window_end = first.enqueued + self.max_queue_delay_s
         while self.dynamic:
             while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
                 item = self._queue.popleft()
                 batch.append(item)
                 rows += item.rows
+                self._taken += 1
             remaining = window_end - time.perf_counter()
             if rows >= self.max_batch_size or self._queue or remaining <= 0 or self._closing:
                 break
             self._arrived.clear()
-            try:
+            with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
         return batch
 
     async def _execute(self, batch: list[_Item]) -> None:
@@ -150,20 +151,17 @@ class DynamicBatcher:
             live.append(item)
         if not live:
             return
-        self._running_rows = sum(item.rows for item in live)
-        self._update_pending()
         loop = asyncio.get_running_loop()
+        results: list[dict[str, np.ndarray] | ServingError]
         try:
-            results = await loop.run_in_executor(
-                self._executor, self._run, [item.inputs for item in live]
+            results = list(
+                await loop.run_in_executor(self._executor, self._run, [i.inputs for i in live])
             )
         except ServingError as e:
             results = [e] * len(live)
         except Exception as e:  # a fault in the runtime: every request of the batch fails
             results = [ServerFault(f"inference failed: {type(e).__name__}: {e}")] * len(live)
         end = time.perf_counter()
-        self._running_rows = 0
-        self._update_pending()
         m = self.metrics
         m.exec_count += 1
         m.compute_infer_duration_us += int((end - start) * 1e6)

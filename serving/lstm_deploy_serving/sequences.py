@@ -91,9 +91,7 @@ class SequenceStore:
         while len(self._entries) >= self.max_sequences:
             victim = next((k for k, e in self._entries.items() if not e.busy), None)
             if victim is None:
-                raise Unavailable(
-                    f"all {self.max_sequences} live sequences are busy; retry later"
-                )
+                raise Unavailable(f"all {self.max_sequences} live sequences are busy; retry later")
             del self._entries[victim]
             self.evicted_cap += 1
 

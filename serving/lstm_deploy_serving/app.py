@@ -1,0 +1,158 @@
+"""The HTTP app: KServe v2 routes that parse, delegate to the service, and format errors.
+
+Routes hold no logic: they read the request (bounded body, optional gzip/deflate), call the
+service, and write what it returns. One handler turns every ``ServingError`` into Triton's
+``{"error": "..."}`` with the error's status.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .errors import BadRequest, PayloadTooLarge, ServingError, Unavailable
+from .protocol import HEADER_LENGTH, JSON_CONTENT_TYPE, error_body
+from .service import InferenceService
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Content-Encoding -> zlib wbits (47 accepts both the zlib and the gzip container).
+_DECOMPRESS_WBITS = {"gzip": 47, "deflate": 47}
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(json.dumps(payload), status, media_type=JSON_CONTENT_TYPE)
+
+
+def _error(message: str, status: int) -> Response:
+    return Response(error_body(message), status, media_type=JSON_CONTENT_TYPE)
+
+
+async def _serving_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServingError)
+    return _error(exc.message, exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.detail, exc.status_code)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding == "identity":
+        return body
+    if encoding not in _DECOMPRESS_WBITS:
+        raise BadRequest(f"unsupported Content-Encoding '{encoding}' (use gzip or deflate)")
+    inflater = zlib.decompressobj(_DECOMPRESS_WBITS[encoding])
+    try:
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise BadRequest(f"the body is not valid {encoding} data: {e}") from None
+    if len(plain) > limit:
+        raise PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+    return plain
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"{HEADER_LENGTH} must be an integer, got '{value}'") from None
+
+
+def create_app(service: InferenceService) -> Starlette:
+    """The ASGI app serving ``service``; its lifespan starts and stops the service."""
+
+    def model_route(
+        path: str, endpoint: Callable[[Request], Awaitable[Response]], **kw: Any
+    ) -> list[Route]:
+        base = "/v2/models/{model}"
+        return [
+            Route(base + path, endpoint, **kw),
+            Route(base + "/versions/{version}" + path, endpoint, **kw),
+        ]
+
+    def check_model(request: Request) -> None:
+        service.check_model(request.path_params["model"], request.path_params.get("version"))
+
+    async def live(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(request: Request) -> Response:
+        if not service.ready:
+            raise Unavailable("the server is not ready")
+        return Response(status_code=200)
+
+    async def server_metadata(request: Request) -> Response:
+        return _json(service.server_metadata())
+
+    async def model_metadata(request: Request) -> Response:
+        check_model(request)
+        return _json(service.model_metadata())
+
+    async def model_ready(request: Request) -> Response:
+        check_model(request)
+        if not service.ready:
+            raise Unavailable(f"model '{service.name}' is not ready")
+        return Response(status_code=200)
+
+    async def model_config(request: Request) -> Response:
+        check_model(request)
+        return _json(service.model_config())
+
+    async def infer(request: Request) -> Response:
+        check_model(request)
+        header_length = _header_length(request)
+        body = await read_body(request, service.options.max_body_bytes)
+        content, headers = await service.infer_body(body, header_length)
+        return Response(content, 200, headers=headers)
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.render_metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    routes = [
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2", server_metadata),
+        *model_route("", model_metadata),
+        *model_route("/ready", model_ready),
+        *model_route("/config", model_config),
+        *model_route("/infer", infer, methods=["POST"]),
+        Route("/metrics", metrics),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ServingError: _serving_error, HTTPException: _http_error},
+    )

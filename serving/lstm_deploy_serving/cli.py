@@ -1,0 +1,313 @@
+"""Command line: ``serve`` and ``loadtest`` subcommands.
+
+``register(subparsers)`` adds both to any argparse CLI (the top-level ``lstm-deploy`` uses it);
+``main`` is the standalone ``python -m lstm_deploy_serving``. Nothing heavy is imported until a
+subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_MODEL_NAME, ServeOptions
+
+EXIT_USAGE = 2
+
+SERVE_HELP = """\
+Serve a bundle's model.onnx over HTTP with the KServe v2 / Open Inference Protocol, as Triton
+speaks it: tritonclient, curl or any KServe v2 client works unchanged.
+
+  GET  /v2/health/live | /v2/health/ready | /v2 | /metrics
+  GET  /v2/models/lstm_onnx[/versions/1][/ready|/config]
+  POST /v2/models/lstm_onnx[/versions/1]/infer
+
+Concurrent requests are merged into one ONNX Runtime run (dynamic batching, padded to the longest
+sequence); requests with sequence_id/sequence_start/sequence_end keep the LSTM state (h, c)
+between them. SIGTERM drains in-flight requests and exits 0.
+
+example:
+  lstm-deploy serve ./bundle --port 8000
+  curl -s localhost:8000/v2/models/lstm_onnx/infer -d '{"inputs": [{"name": "input",
+    "datatype": "FP32", "shape": [1, 2, 16], "data": [0.1, ...]}]}'
+"""
+
+LOADTEST_HELP = """\
+Drive a server with tritonclient at several concurrency levels and print throughput and
+p50/p90/p99 latency as a Markdown table. Each request is one sequence (batch 1) of a random
+length in [--min-steps, --max-steps].
+
+Either point it at a running server (URL), or give --bundle: it then starts the server itself
+twice on free loopback ports, with dynamic batching and without, and compares them.
+
+examples:
+  lstm-deploy loadtest 127.0.0.1:8000 --concurrency 1,8,32
+  lstm-deploy loadtest --bundle ./bundle --concurrency 1,8,32 --requests 400
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _add_serve(subparsers: Any) -> None:
+    d = ServeOptions(bundle=Path("."))
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (KServe v2, Triton-compatible)",
+        description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bundle", type=Path, help="bundle directory (manifest.json + model.onnx)")
+    p.add_argument(
+        "--host",
+        default=d.host,
+        help="address to bind (default: %(default)s; 0.0.0.0 exposes the server to the network)",
+    )
+    p.add_argument(
+        "--port",
+        type=_non_negative_int,
+        default=d.port,
+        help="port to bind; 0 picks a free one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model-name",
+        default=d.model_name,
+        help="name the model is served under (default: %(default)s)",
+    )
+    b = p.add_argument_group("dynamic batching (defaults: the bundle's Triton config)")
+    b.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=None,
+        help="most rows in one ONNX Runtime run; also the largest batch a request may have",
+    )
+    b.add_argument(
+        "--max-queue-delay-us",
+        type=_non_negative_int,
+        default=None,
+        help="how long the oldest queued request waits for others to join its batch",
+    )
+    b.add_argument(
+        "--no-dynamic-batching",
+        dest="dynamic_batching",
+        action="store_false",
+        help="run every request alone, in arrival order",
+    )
+    b.add_argument(
+        "--max-queue-size",
+        type=_positive_int,
+        default=d.max_queue_size,
+        help="requests waiting beyond this are refused with 503 (default: %(default)s)",
+    )
+    s = p.add_argument_group("limits and stateful sequences")
+    s.add_argument(
+        "--max-sequence-length",
+        type=_positive_int,
+        default=d.max_sequence_length,
+        help="longest input (time steps) a request may carry (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=d.max_body_bytes,
+        help="larger request bodies get 413 (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-sequences",
+        type=_positive_int,
+        default=d.max_sequences,
+        help="cap on live sequences (sequence_id); at the cap a new one evicts the "
+        "one idle the longest (default: %(default)s)",
+    )
+    s.add_argument(
+        "--sequence-idle-timeout",
+        type=_positive_float,
+        default=d.sequence_idle_timeout_s,
+        metavar="SECONDS",
+        help="free a sequence's state after this long without a request (default: %(default)s)",
+    )
+    r = p.add_argument_group("process")
+    r.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=d.threads,
+        help="ONNX Runtime intra-op threads; 0: one per core (default: %(default)s)",
+    )
+    r.add_argument(
+        "--graceful-timeout",
+        type=_positive_float,
+        default=d.graceful_timeout_s,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may take to finish (default: %(default)s)",
+    )
+    r.add_argument(
+        "--log-level",
+        default=d.log_level,
+        choices=["critical", "error", "warning", "info", "debug"],
+    )
+    r.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=run_serve)
+
+
+def _add_loadtest(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "loadtest",
+        help="measure a server's throughput and latency, with and without dynamic batching",
+        description=LOADTEST_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", nargs="?", help="a running server, e.g. 127.0.0.1:8000")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        help="start the server from this bundle instead, with and without batching",
+    )
+    p.add_argument(
+        "--model-name", default=DEFAULT_MODEL_NAME, help="model to call (default: %(default)s)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=[1, 8, 32],
+        help="comma-separated numbers of requests in flight (default: 1,8,32)",
+    )
+    p.add_argument(
+        "--requests",
+        type=_positive_int,
+        default=200,
+        help="requests per concurrency level (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-steps",
+        type=_positive_int,
+        default=16,
+        help="shortest sequence, time steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=128,
+        help="longest sequence, time steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=10,
+        help="requests sent before measuring each level (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=1,
+        help="with --bundle: ONNX Runtime threads of each server it starts; they share the "
+        "machine with this client, so 1 avoids oversubscribing it (default: %(default)s)",
+    )
+    p.set_defaults(func=run_loadtest)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``serve`` and ``loadtest`` to an argparse subparsers object."""
+    _add_serve(subparsers)
+    _add_loadtest(subparsers)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .bundle import BundleError
+    from .server import serve
+
+    options = ServeOptions(
+        bundle=args.bundle,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        dynamic_batching=args.dynamic_batching,
+        max_queue_size=args.max_queue_size,
+        max_sequence_length=args.max_sequence_length,
+        max_sequences=args.max_sequences,
+        sequence_idle_timeout_s=args.sequence_idle_timeout,
+        max_body_bytes=args.max_body_bytes,
+        threads=args.threads,
+        graceful_timeout_s=args.graceful_timeout,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    try:
+        return serve(options)
+    except BundleError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    if (args.url is None) == (args.bundle is None):
+        return _fail("give either a server URL or --bundle, not both and not neither")
+    if args.min_steps > args.max_steps:
+        return _fail(f"--min-steps {args.min_steps} is above --max-steps {args.max_steps}")
+    from .loadtest import LoadSpec, LoadtestError, run
+
+    spec = LoadSpec(
+        model_name=args.model_name,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        min_steps=args.min_steps,
+        max_steps=args.max_steps,
+        warmup=args.warmup,
+        seed=args.seed,
+    )
+    try:
+        table = run(spec, url=args.url, bundle=args.bundle, threads=args.threads)
+    except LoadtestError as e:
+        return _fail(str(e))
+    print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lstm_deploy_serving",
+        description="Serve an lstm-deploy bundle over KServe v2 (Triton-compatible) HTTP.",
+    )
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))

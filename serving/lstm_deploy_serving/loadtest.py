@@ -1,0 +1,229 @@
+"""Load test: tritonclient (asyncio) at several concurrency levels; a Markdown table of results.
+
+Each request is one sequence (batch 1) of a random length; the inputs are generated once, up
+front, so the client spends its time sending. Throughput is requests per second over the level;
+latency is per request, as the client sees it. ``rows/exec`` (from the server's /metrics) is how
+many requests the server merged into each ONNX Runtime run on average: 1.0 without batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .launch import ServerProcess
+
+
+class LoadtestError(Exception):
+    """The load test cannot run (no client library, no server, no such model)."""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    model_name: str = "lstm_onnx"
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
+    requests: int = 200
+    min_steps: int = 16
+    max_steps: int = 128
+    warmup: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    server: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: np.ndarray
+    executions: float
+    inferences: float
+
+    @property
+    def throughput(self) -> float:
+        return (self.requests - self.errors) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return (
+            float(np.percentile(self.latencies_ms, q)) if self.latencies_ms.size else float("nan")
+        )
+
+    @property
+    def rows_per_exec(self) -> float:
+        return self.inferences / self.executions if self.executions else float("nan")
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Triton-named counters from /metrics (first sample of each)."""
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            values.setdefault(name, float(line.rsplit(" ", 1)[1]))
+    return values
+
+
+async def _drive(
+    client: Any, http: Any, model: str, arrays: list[np.ndarray], concurrency: int
+) -> tuple[list[float], int]:
+    """Send every array, ``concurrency`` at a time; latencies (ms) of successes, error count."""
+    latencies: list[float] = []
+    errors = 0
+    todo = iter(arrays)
+
+    async def worker() -> None:
+        nonlocal errors
+        for x in todo:
+            item = http.InferInput("input", list(x.shape), "FP32")
+            item.set_data_from_numpy(x)
+            start = time.perf_counter()
+            try:
+                await client.infer(model, [item])
+            except Exception:  # counted and reported: a load test reports failures, not raises
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - start) * 1e3)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def _measure_async(url: str, spec: LoadSpec, label: str) -> list[LevelResult]:
+    try:
+        import tritonclient.http.aio as http
+    except ImportError as e:
+        raise LoadtestError(
+            f"loadtest needs tritonclient[http] ({e}); pip install 'tritonclient[http]'"
+        ) from None
+    client = http.InferenceServerClient(url, conn_limit=max(spec.concurrency))
+    try:
+        try:
+            ready = await client.is_model_ready(spec.model_name)
+        except Exception as e:
+            raise LoadtestError(f"no server at {url}: {e}") from None
+        if not ready:
+            raise LoadtestError(f"model '{spec.model_name}' is not ready at {url}")
+        metadata = await client.get_model_metadata(spec.model_name)
+        feature = next(t["shape"][2] for t in metadata["inputs"] if t["name"] == "input")
+        rng = np.random.default_rng(spec.seed)
+
+        def sample(n: int) -> list[np.ndarray]:
+            steps = rng.integers(spec.min_steps, spec.max_steps + 1, size=n)
+            return [rng.standard_normal((1, int(t), feature), dtype=np.float32) for t in steps]
+
+        results = []
+        for concurrency in spec.concurrency:
+            await _drive(client, http, spec.model_name, sample(spec.warmup), concurrency)
+            arrays = sample(spec.requests)
+            before = await asyncio.to_thread(_scrape, url)
+            start = time.perf_counter()
+            latencies, errors = await _drive(client, http, spec.model_name, arrays, concurrency)
+            seconds = time.perf_counter() - start
+            after = await asyncio.to_thread(_scrape, url)
+
+            def delta(
+                name: str, a: dict[str, float] = after, b: dict[str, float] = before
+            ) -> float:
+                return a.get(name, 0.0) - b.get(name, 0.0)
+
+            results.append(
+                LevelResult(
+                    label,
+                    concurrency,
+                    spec.requests,
+                    errors,
+                    seconds,
+                    np.array(latencies),
+                    delta("nv_inference_exec_count"),
+                    delta("nv_inference_count"),
+                )
+            )
+        return results
+    finally:
+        await client.close()
+
+
+def measure(url: str, spec: LoadSpec, label: str) -> list[LevelResult]:
+    """Run every concurrency level of ``spec`` against the server at ``url`` (host:port)."""
+    return asyncio.run(_measure_async(url, spec, label))
+
+
+def _server_label(url: str, model: str) -> str:
+    import json
+
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2/models/{model}/config", timeout=10) as r:
+            config = json.loads(r.read())
+    except OSError as e:
+        raise LoadtestError(f"no server at {url}: {e}") from None
+    batching = config.get("dynamic_batching")
+    if batching is None:
+        return "no batching"
+    return f"dynamic batching (max {config.get('max_batch_size')})"
+
+
+def format_table(results: list[LevelResult]) -> str:
+    columns = [
+        "server",
+        "concurrency",
+        "requests",
+        "errors",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "rows/exec",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results:
+        lines.append(
+            f"| {r.server} | {r.concurrency} | {r.requests} | {r.errors} | {r.throughput:.1f} "
+            f"| {r.percentile(50):.2f} | {r.percentile(90):.2f} | {r.percentile(99):.2f} "
+            f"| {r.rows_per_exec:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(
+    spec: LoadSpec, url: str | None = None, bundle: Path | None = None, threads: int = 1
+) -> str:
+    """Load-test a running server (``url``), or start ``bundle``'s server with and without
+    dynamic batching (each with ``threads`` ONNX Runtime threads) and compare; the results as a
+    Markdown table."""
+    results: list[LevelResult] = []
+    if url is not None:
+        url = url.removeprefix("http://").rstrip("/")
+        results += measure(url, spec, _server_label(url, spec.model_name))
+    else:
+        assert bundle is not None
+        if not (bundle / "manifest.json").is_file():
+            raise LoadtestError(f"bundle not found: {bundle} has no manifest.json")
+        modes = [("dynamic batching", []), ("no batching", ["--no-dynamic-batching"])]
+        flags = ["--model-name", spec.model_name, "--threads", str(threads)]
+        with ExitStack() as stack:
+            servers = [
+                (
+                    label,
+                    stack.enter_context(ServerProcess(bundle, [*flags, *args])),
+                )
+                for label, args in modes
+            ]
+            # Level by level, alternating servers: on a shared machine whose load drifts, both
+            # modes of one level are measured close together in time.
+            by_mode: dict[str, list[LevelResult]] = {label: [] for label, _ in modes}
+            for concurrency in spec.concurrency:
+                one_level = replace(spec, concurrency=[concurrency])
+                for label, server in servers:
+                    by_mode[label] += measure(server.url, one_level, label)
+        results = [r for label, _ in modes for r in by_mode[label]]
+    return format_table(results)

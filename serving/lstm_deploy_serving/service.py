@@ -1,0 +1,305 @@
+"""The served model: checks requests against the signature, keeps sequences, runs the batcher.
+
+Between the wire (``protocol``) and the runtime (``runtime``): the app hands it a body and gets a
+body back, the runtime only ever sees complete, valid, batch-first numpy inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Hashable
+from contextlib import suppress
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .batching import fill_defaults
+from .bundle import Bundle, BundleError, load_bundle
+from .config import MODEL_VERSION, ServeOptions
+from .errors import BadRequest, NotFound, ServingError, Unavailable
+from .metrics import Metrics
+from .protocol import (
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    encode_infer_response,
+    parse_infer_request,
+)
+from .runtime import OnnxModel
+from .scheduler import DynamicBatcher
+from .sequences import SequenceStore
+from .validation import check_inputs
+
+SERVER_NAME = "lstm-deploy-serving"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "sequence", "parameters"]
+STATE_INPUTS = ("h0", "c0")
+
+
+def _sequence_parameters(params: dict[str, Any]) -> tuple[Hashable | None, bool, bool]:
+    seq_id = params.get("sequence_id", 0)
+    if isinstance(seq_id, bool) or not isinstance(seq_id, int | str):
+        raise BadRequest("sequence_id must be an integer or a string")
+    flags = [params.get(k, False) for k in ("sequence_start", "sequence_end")]
+    if not all(isinstance(f, bool) for f in flags):
+        raise BadRequest("sequence_start and sequence_end must be booleans")
+    if seq_id in (0, ""):
+        if any(flags):
+            raise BadRequest("sequence_start/sequence_end need a non-zero sequence_id")
+        return None, False, False
+    return seq_id, flags[0], flags[1]
+
+
+def _timeout_s(params: dict[str, Any]) -> float | None:
+    timeout = params.get("timeout")
+    if timeout is None or timeout == 0:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+        raise BadRequest("the timeout parameter must be a non-negative integer (microseconds)")
+    return timeout / 1e6
+
+
+class InferenceService:
+    """One model, one version, served from a bundle.
+
+    Construction loads the bundle (so a bad bundle fails before any port is bound); ``start``
+    and ``stop`` run inside the server's event loop.
+    """
+
+    def __init__(self, options: ServeOptions, bundle: Bundle | None = None) -> None:
+        self.options = options
+        self.bundle = bundle if bundle is not None else load_bundle(options.bundle)
+        self.spec = self.bundle.spec
+        self.model = OnnxModel(self.bundle, intra_op_threads=options.threads)
+        self.name = options.model_name
+        self.max_batch_size = (
+            options.max_batch_size
+            if options.max_batch_size is not None
+            else self.spec.max_batch_size
+        )
+        if self.max_batch_size < 1:
+            raise BundleError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        delay = options.max_queue_delay_us
+        self.max_queue_delay_us = self.spec.max_queue_delay_us if delay is None else delay
+        self.state_shapes = {
+            n: tuple(int(d) for d in self.spec.input(n).shape[1:]) for n in STATE_INPUTS
+        }
+        self.metrics = Metrics()
+        self.ready = False
+        self._batcher: DynamicBatcher | None = None
+        self._sequences: SequenceStore | None = None
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        opts = self.options
+        self._batcher = DynamicBatcher(
+            self.model.predict,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_s=self.max_queue_delay_us / 1e6,
+            max_queue_size=opts.max_queue_size,
+            dynamic=opts.dynamic_batching,
+            metrics=self.metrics,
+        )
+        self._batcher.start()
+        self._sequences = SequenceStore(
+            self._zero_state,
+            max_sequences=opts.max_sequences,
+            idle_timeout_s=opts.sequence_idle_timeout_s,
+        )
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self.ready = True
+
+    def _zero_state(self) -> tuple[np.ndarray, np.ndarray]:
+        h0, c0 = (np.zeros((1, *self.state_shapes[n]), np.float32) for n in STATE_INPUTS)
+        return h0, c0
+
+    async def stop(self) -> None:
+        """Not ready any more; run what is queued, then stop."""
+        self.ready = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._batcher is not None:
+            await self._batcher.stop()
+
+    async def _sweep(self) -> None:
+        """Free idle sequences even when no request comes to trigger it."""
+        assert self._sequences is not None
+        period = min(1.0, self._sequences.idle_timeout_s / 2)
+        while True:
+            await asyncio.sleep(period)
+            self._sequences.evict_idle()
+            self._count_sequences()
+
+    def _count_sequences(self) -> None:
+        store = self._sequences
+        if store is not None:
+            self.metrics.sequences_live = len(store)
+            self.metrics.sequences_evicted = store.evicted_idle + store.evicted_cap
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def check_model(self, name: str, version: str | None = None) -> None:
+        if name != self.name:
+            raise NotFound(f"unknown model '{name}' (this server serves '{self.name}')")
+        if version not in (None, "", MODEL_VERSION):
+            raise NotFound(
+                f"unknown version '{version}' of model '{name}' (served: {MODEL_VERSION})"
+            )
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self) -> dict[str, Any]:
+        def tensors(specs: Any) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": t.wire_shape} for t in specs]
+
+        return {
+            "name": self.name,
+            "versions": [MODEL_VERSION],
+            "platform": self.spec.triton_config.get("platform", "onnxruntime_onnx"),
+            "inputs": tensors(self.spec.inputs),
+            "outputs": tensors(self.spec.outputs),
+        }
+
+    def model_config(self) -> dict[str, Any]:
+        """The bundle's Triton config, with the name and batching this server actually uses."""
+        config = copy.deepcopy(self.spec.triton_config)
+        config["name"] = self.name
+        config["max_batch_size"] = self.max_batch_size
+        if self.options.dynamic_batching:
+            batching = config.setdefault("dynamic_batching", {})
+            batching["max_queue_delay_microseconds"] = self.max_queue_delay_us
+        else:
+            config.pop("dynamic_batching", None)
+        return config
+
+    def render_metrics(self) -> str:
+        self._count_sequences()
+        return self.metrics.render(self.name, MODEL_VERSION)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def infer_body(
+        self, body: bytes, header_length: int | None
+    ) -> tuple[bytes, dict[str, str]]:
+        """Parse, run and encode one inference request; every failure is counted."""
+        try:
+            if not self.ready:
+                raise Unavailable(f"model '{self.name}' is not ready")
+            response = await self.infer(parse_infer_request(body, header_length))
+            encoded = encode_infer_response(response)
+        except ServingError:
+            self.metrics.request_failure += 1
+            raise
+        self.metrics.request_success += 1
+        return encoded
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        tensors = check_inputs(
+            request.inputs,
+            self.spec,
+            model=self.name,
+            max_batch_size=self.max_batch_size,
+            max_steps=self.options.max_sequence_length,
+        )
+        wanted = self._requested_outputs(request)
+        seq_id, start, end = _sequence_parameters(request.parameters)
+        timeout = _timeout_s(request.parameters)
+        if seq_id is None:
+            outputs = await self._run(fill_defaults(tensors, self.state_shapes), timeout)
+        else:
+            outputs = await self._run_sequence(tensors, seq_id, start, end, timeout)
+        return InferResponse(
+            self.name,
+            MODEL_VERSION,
+            tuple(OutputTensor(name, outputs[name], binary) for name, binary in wanted),
+            request.id,
+        )
+
+    def _requested_outputs(self, request: InferRequest) -> list[tuple[str, bool]]:
+        if request.outputs is None:
+            return [(name, request.binary_output) for name in self.spec.output_names]
+        for out in request.outputs:
+            if out.name not in self.spec.output_names:
+                raise BadRequest(
+                    f"unexpected inference output '{out.name}' for model '{self.name}' "
+                    f"(its outputs: {', '.join(self.spec.output_names)})"
+                )
+        return [(out.name, out.binary) for out in request.outputs]
+
+    async def _run(
+        self, inputs: dict[str, np.ndarray], timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        if self._batcher is None:
+            raise Unavailable(f"model '{self.name}' is not ready")
+        return await self._batcher.submit(inputs, timeout)
+
+    async def _run_sequence(
+        self,
+        tensors: dict[str, np.ndarray],
+        seq_id: Hashable,
+        start: bool,
+        end: bool,
+        timeout: float | None,
+    ) -> dict[str, np.ndarray]:
+        if tensors["input"].shape[0] != 1:
+            raise BadRequest("a request of a sequence (sequence_id) must have batch size 1")
+        given = [n for n in STATE_INPUTS if n in tensors]
+        if given and (not start or len(given) != len(STATE_INPUTS)):
+            raise BadRequest("h0 and c0 may be given only together, and only with sequence_start")
+        initial = (tensors["h0"], tensors["c0"]) if given else None
+        store = self._sequences
+        assert store is not None
+        async with self._sequence_lock(seq_id):
+            h0, c0 = store.acquire(seq_id, start, initial)
+            try:
+                inputs = fill_defaults({**tensors, "h0": h0, "c0": c0}, self.state_shapes)
+                outputs = await self._run(inputs, timeout)
+            except BaseException:
+                store.cancel(seq_id)
+                self._count_sequences()
+                raise
+            # Copies: the outputs are views into the whole merged batch.
+            store.release(seq_id, (outputs["hn"].copy(), outputs["cn"].copy()), end=end)
+            self._count_sequences()
+        return outputs
+
+    def _sequence_lock(self, seq_id: Hashable) -> _SequenceLock:
+        return _SequenceLock(self._locks, seq_id)
+
+
+class _SequenceLock:
+    """Serialize the chunks of one sequence in arrival order; forget the lock when unused."""
+
+    def __init__(self, locks: dict[Hashable, tuple[asyncio.Lock, int]], key: Hashable) -> None:
+        self._locks, self._key = locks, key
+
+    async def __aenter__(self) -> None:
+        lock, users = self._locks.get(self._key, (asyncio.Lock(), 0))
+        self._locks[self._key] = (lock, users + 1)
+        self._lock = lock
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        lock, users = self._locks[self._key]
+        if users <= 1:
+            del self._locks[self._key]
+        else:
+            self._locks[self._key] = (lock, users - 1)
+
+
+__all__ = ["InferenceService"]

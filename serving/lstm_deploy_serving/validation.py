@@ -1,0 +1,91 @@
+"""Check a request's tensors against the deployed signature, with Triton's wording.
+
+Every check names the tensor, what the model expects and what came, so a client can fix the
+request from the message alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .bundle import ModelSpec, TensorSpec
+from .errors import BadRequest
+from .protocol import InputTensor
+
+REQUIRED = ("input",)
+
+
+def _check_tensor(t: InputTensor, spec: TensorSpec, model: str) -> None:
+    if t.datatype != spec.datatype:
+        raise BadRequest(
+            f"inference input '{t.name}' data-type is '{t.datatype}', "
+            f"but model '{model}' expects '{spec.datatype}'"
+        )
+    fixed_ok = all(
+        isinstance(want, str) or want == got for want, got in zip(spec.shape, t.shape, strict=False)
+    )
+    if len(t.shape) != len(spec.shape) or not fixed_ok:
+        expected = ",".join(str(d) for d in spec.wire_shape)
+        got = ",".join(str(d) for d in t.shape)
+        raise BadRequest(
+            f"unexpected shape for input '{t.name}' for model '{model}'. "
+            f"Expected [{expected}], got [{got}]"
+        )
+
+
+def check_inputs(
+    inputs: Sequence[InputTensor],
+    spec: ModelSpec,
+    *,
+    model: str,
+    max_batch_size: int,
+    max_steps: int,
+) -> dict[str, np.ndarray]:
+    """The request's tensors by name, each checked; BadRequest on the first problem.
+
+    ``input`` is required; ``lengths``, ``h0``, ``c0`` are optional (filled in later).
+    """
+    known = {t.name: t for t in spec.inputs}
+    for t in inputs:
+        if t.name not in known:
+            raise BadRequest(
+                f"unexpected inference input '{t.name}' for model '{model}' "
+                f"(its inputs: {', '.join(known)})"
+            )
+        _check_tensor(t, known[t.name], model)
+    tensors = {t.name: t.data for t in inputs}
+    for name in REQUIRED:
+        if name not in tensors:
+            raise BadRequest(f"expected input '{name}' for model '{model}', got none")
+    x = tensors["input"]
+    batch, steps = x.shape[:2]
+    if batch < 1:
+        raise BadRequest("inference request batch-size must be at least 1")
+    if batch > max_batch_size:
+        raise BadRequest(
+            f"inference request batch-size must be <= {max_batch_size} for '{model}', got {batch}"
+        )
+    for name, value in tensors.items():
+        if value.shape[0] != batch:
+            raise BadRequest(
+                f"input '{name}' has batch size {value.shape[0]}, but 'input' has {batch}"
+            )
+    if steps < 1:
+        raise BadRequest("input 'input' has 0 time steps: a sequence needs at least 1")
+    if steps > max_steps:
+        raise BadRequest(
+            f"input 'input' has {steps} time steps, above this server's maximum of {max_steps} "
+            "(--max-sequence-length)"
+        )
+    lengths = tensors.get("lengths")
+    if lengths is not None and (lengths.min() < 1 or lengths.max() > steps):
+        raise BadRequest(
+            f"lengths must be in [1, {steps}] (the input's time steps); "
+            f"got values from {lengths.min()} to {lengths.max()}"
+        )
+    for name, value in tensors.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise BadRequest(f"input '{name}' contains NaN or Inf")
+    return tensors

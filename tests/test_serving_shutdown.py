@@ -1,0 +1,62 @@
+"""Graceful shutdown: SIGTERM during a burst drops no in-flight request; the exit code is 0.
+
+The server runs as a real process (``python -m lstm_deploy_serving serve``) on a free port.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as http
+from lstm_deploy_serving.launch import ServerProcess
+from serving_support import Reference, exported_bundle, metrics, wait_until
+
+BURST = 16
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return exported_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(bundle_dir: Path) -> Reference:
+    return Reference(bundle_dir)
+
+
+def test_sigterm_during_a_burst_finishes_in_flight_requests(
+    bundle_dir: Path, reference: Reference
+) -> None:
+    rng = np.random.default_rng(0)
+    xs = [reference.random_input(rng, 1, int(t)) for t in rng.integers(1, 40, BURST)]
+    # A one-second batching window holds the burst in the server's queue when SIGTERM comes.
+    with ServerProcess(bundle_dir, ["--max-queue-delay-us", "1000000"]) as server:
+
+        def infer(x: np.ndarray) -> np.ndarray:
+            client = http.InferenceServerClient(server.url)
+            try:
+                item = http.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)
+                return client.infer("lstm_onnx", [item]).as_numpy("hn")  # type: ignore[no-any-return]
+            finally:
+                client.close()
+
+        with ThreadPoolExecutor(BURST) as pool:
+            futures = [pool.submit(infer, x) for x in xs]
+            assert wait_until(
+                lambda: metrics(server.url)["nv_inference_pending_request_count"] == BURST
+            ), "the burst never reached the server's queue"
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=60) for f in futures]
+        code = server.terminate()
+        host, port = server.url.split(":")
+    assert code == 0, "\n".join(server.lines)
+    for x, hn in zip(xs, results, strict=True):
+        np.testing.assert_allclose(hn, reference.run(x)["hn"], rtol=0, atol=1e-6)
+    with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), 2):
+        pass
