@@ -1,0 +1,391 @@
+"""Build and run the C++ programs of `export/cpp/` (LibTorch and ONNX Runtime C++ API).
+
+`build()` compiles them with CMake, cached in a build directory, and returns `CppPrograms`, whose
+`run_torchscript` / `run_onnxruntime` run a bundle's model on numpy inputs through the programs'
+.npy files. Where they come from:
+
+- LibTorch: the installed torch wheel's headers, libraries and CMake files.
+- ONNX Runtime: the installed onnxruntime wheel's `libonnxruntime.so.1.x.y`; the wheel has no
+  headers, so they are Debian trixie's `libonnxruntime-dev`, fetched by package name with a
+  private, throw-away apt state (nothing is installed), or taken from `$LSTM_DEPLOY_ORT_INCLUDE_DIR`
+  (a directory holding `onnxruntime_cxx_api.h`, e.g. from Microsoft's release tarball).
+
+A program whose dependency is missing is not built: `CppPrograms.unavailable` says why. Building
+needs cmake and a C++17 compiler; the first build takes about a minute (LibTorch's headers).
+
+    python -m lstm_deploy_export.cpp [--build-dir DIR]    builds and prints the programs' paths
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from lstm_deploy_export.signature import signature
+
+__all__ = ["PROGRAMS", "CppError", "CppPrograms", "build", "default_build_dir"]
+
+
+def _source_dir() -> Path:
+    # A checkout (or an editable install) has export/cpp beside the package; a wheel that
+    # force-includes export/cpp as lstm_deploy_export/cpp_src has it inside.
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "cpp_src", here.parent / "cpp"):
+        if (candidate / "CMakeLists.txt").is_file():
+            return candidate
+    return here.parent / "cpp"
+
+
+SOURCE_DIR = _source_dir()
+TORCHSCRIPT = "lstm_torchscript"
+ONNXRUNTIME = "lstm_onnxruntime"
+PROGRAMS = {TORCHSCRIPT: "C++ LibTorch", ONNXRUNTIME: "C++ ONNX Runtime"}  # program -> row label
+
+DEBIAN_SUITE = "trixie"  # the first Debian release whose libonnxruntime-dev has the C++ API
+APT_SOURCES = (Path("/etc/apt/sources.list.d"), Path("/etc/apt/sources.list"))
+ORT_HEADERS_PACKAGE = "libonnxruntime-dev"
+ORT_INCLUDE_ENV = "LSTM_DEPLOY_ORT_INCLUDE_DIR"
+FETCH_TIMEOUT_S = 180
+CONFIGURE_TIMEOUT_S = 300
+BUILD_TIMEOUT_S = 1200
+
+# Names and dtypes of the signature do not depend on the model's sizes.
+_SIGNATURE = signature(input_size=1, hidden_size=1)
+_INPUT_DTYPES = {t.name: np.dtype(t.dtype) for t in _SIGNATURE.inputs}
+_OUTPUT_NAMES = _SIGNATURE.output_names
+
+
+class CppError(RuntimeError):
+    """A C++ program that cannot be built or run; the message carries the tool's own error."""
+
+
+@dataclass(frozen=True)
+class CppPrograms:
+    """The built programs (`paths`) and, for each one not built, the reason (`unavailable`).
+
+    Keys are program names, `lstm_torchscript` and `lstm_onnxruntime` (see `PROGRAMS`).
+    """
+
+    paths: dict[str, Path] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def run_torchscript(
+        self,
+        model_pt: Path,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        threads: int | None = 1,
+        timeout: float = 600,
+    ) -> dict[str, np.ndarray]:
+        """Run `model.pt` with LibTorch; inputs and outputs are named as the signature.
+
+        threads: the program's intra-op threads. One by default: an LSTM step is many small ops,
+        and on a busy machine a second thread mostly waits at barriers (seconds at T=300); None
+        leaves LibTorch's default.
+        """
+        return self._run(TORCHSCRIPT, model_pt, inputs, threads, timeout)
+
+    def run_onnxruntime(
+        self,
+        model_onnx: Path,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        threads: int | None = 1,
+        timeout: float = 600,
+    ) -> dict[str, np.ndarray]:
+        """Run `model.onnx` with the ONNX Runtime C++ API (CPU execution provider).
+
+        threads: as for `run_torchscript`.
+        """
+        return self._run(ONNXRUNTIME, model_onnx, inputs, threads, timeout)
+
+    def _run(
+        self,
+        program: str,
+        model: Path,
+        inputs: Mapping[str, np.ndarray],
+        threads: int | None,
+        timeout: float,
+    ) -> dict[str, np.ndarray]:
+        if program not in self.paths:
+            reason = self.unavailable.get(program, "not built")
+            raise CppError(f"{program} is not available: {reason}")
+        if set(inputs) != set(_INPUT_DTYPES):
+            raise ValueError(f"inputs must be {sorted(_INPUT_DTYPES)}, got {sorted(inputs)}")
+        for name, dtype in _INPUT_DTYPES.items():
+            if np.asarray(inputs[name]).dtype != dtype:
+                raise ValueError(f"{name} must be {dtype}, got {np.asarray(inputs[name]).dtype}")
+        with tempfile.TemporaryDirectory(prefix="lstm-deploy-cpp-") as tmp:
+            in_dir, out_dir = Path(tmp, "inputs"), Path(tmp, "outputs")
+            in_dir.mkdir()
+            for name, array in inputs.items():
+                np.save(in_dir / f"{name}.npy", np.ascontiguousarray(array))
+            command = [str(self.paths[program]), "--model", str(model)]
+            command += ["--inputs", str(in_dir), "--outputs", str(out_dir)]
+            if threads is not None:
+                command += ["--threads", str(threads)]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise CppError(f"{program} did not finish within {timeout:g} s") from None
+            if done.returncode != 0:
+                message = done.stderr.strip() or done.stdout.strip() or "no message"
+                raise CppError(f"{program} failed (exit {done.returncode}): {message}")
+            return {name: np.load(out_dir / f"{name}.npy") for name in _OUTPUT_NAMES}
+
+
+def default_build_dir() -> Path:
+    """`$XDG_CACHE_HOME/lstm-deploy/cpp`, by default `~/.cache/lstm-deploy/cpp`."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "lstm-deploy" / "cpp"
+
+
+def build(
+    build_dir: Path | None = None, progress: Callable[[str], None] | None = None
+) -> CppPrograms:
+    """Build both programs with CMake (Release) in `build_dir`, or reuse that build.
+
+    A second call with nothing changed only checks that the build is up to date (a second or
+    two). Never raises for a missing dependency or a failed build: the program is then listed in
+    `unavailable` with the reason.
+    """
+    root = Path(build_dir) if build_dir is not None else default_build_dir()
+    say = progress or (lambda _: None)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / ".lock"):
+            return _build(root, say)
+    except OSError as e:
+        return CppPrograms(unavailable=dict.fromkeys(PROGRAMS, f"build directory {root}: {e}"))
+
+
+def _build(root: Path, say: Callable[[str], None]) -> CppPrograms:
+    if not (SOURCE_DIR / "CMakeLists.txt").is_file():
+        reason = f"{SOURCE_DIR}: the C++ sources are not installed; build from a checkout"
+        return CppPrograms(unavailable=dict.fromkeys(PROGRAMS, reason))
+    if shutil.which("cmake") is None:
+        reason = "cmake is not on PATH (install it, e.g. apt-get install cmake)"
+        return CppPrograms(unavailable=dict.fromkeys(PROGRAMS, reason))
+    reasons: dict[str, str] = {}
+    options = ["-DCMAKE_BUILD_TYPE=Release"]
+    try:
+        options.append(f"-DCMAKE_PREFIX_PATH={_torch_cmake_prefix()}")
+    except CppError as e:
+        reasons[TORCHSCRIPT] = str(e)
+    try:
+        options.append(f"-DONNXRUNTIME_LIBRARY={_onnxruntime_library()}")
+        options.append(f"-DONNXRUNTIME_INCLUDE_DIR={_onnxruntime_headers(root, say)}")
+    except CppError as e:
+        reasons[ONNXRUNTIME] = str(e)
+
+    # One binary directory per checkout and Python environment, so that neither undoes the other.
+    key = hashlib.sha256(f"{SOURCE_DIR}\n{sys.prefix}".encode()).hexdigest()[:12]
+    binary = root / f"build-{key}"
+    stamp = binary / "lstm-deploy-configure.json"
+    wanted = json.dumps({"options": options, "versions": _versions()}, indent=1)
+    cache = binary / "CMakeCache.txt"
+    if not cache.is_file() or not stamp.is_file() or stamp.read_text() != wanted:
+        say(f"configuring the C++ programs in {binary}")
+        cache.unlink(missing_ok=True)  # a fresh configure: find LibTorch and ONNX Runtime anew
+        stamp.unlink(missing_ok=True)
+        command = ["cmake", "-S", str(SOURCE_DIR), "-B", str(binary), *options]
+        try:
+            _check(command, "cmake configure", CONFIGURE_TIMEOUT_S)
+        except CppError as e:
+            return CppPrograms(unavailable=dict.fromkeys(PROGRAMS, str(e)))
+        stamp.write_text(wanted)
+
+    paths: dict[str, Path] = {}
+    for program, label in PROGRAMS.items():
+        skipped = binary / "unavailable" / f"{program}.txt"  # written by CMakeLists.txt
+        if program in reasons or skipped.is_file():
+            reasons.setdefault(program, skipped.read_text().strip())
+            continue
+        first_time = " (tens of seconds the first time)" if program == TORCHSCRIPT else ""
+        say(f"building {program}, {label}{first_time}")
+        command = ["cmake", "--build", str(binary), "--target", program, "-j2"]
+        try:
+            _check(command, f"building {program}", BUILD_TIMEOUT_S)
+        except CppError as e:
+            reasons[program] = str(e)
+            continue
+        paths[program] = binary / program
+    return CppPrograms(paths, reasons)
+
+
+def _versions() -> dict[str, str | None]:
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in ("torch", "onnxruntime")}
+
+
+def _package_dir(name: str) -> Path | None:
+    # Found without importing: importing torch takes seconds, and build() is called often.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _torch_cmake_prefix() -> Path:
+    """What `torch.utils.cmake_prefix_path` returns, without importing torch."""
+    torch_dir = _package_dir("torch")
+    if torch_dir is None:
+        raise CppError("torch is not installed (LibTorch comes from the torch wheel)")
+    prefix = torch_dir / "share" / "cmake"
+    if not (prefix / "Torch" / "TorchConfig.cmake").is_file():
+        raise CppError(f"{prefix}: the torch installation has no LibTorch CMake files")
+    return prefix
+
+
+def _onnxruntime_library() -> Path:
+    ort_dir = _package_dir("onnxruntime")
+    if ort_dir is None:
+        raise CppError("onnxruntime is not installed (its wheel provides libonnxruntime.so)")
+    libraries = [p for p in (ort_dir / "capi").glob("libonnxruntime.so*") if not p.is_symlink()]
+    if not libraries:
+        raise CppError(f"{ort_dir / 'capi'}: no libonnxruntime.so* in the onnxruntime wheel")
+    return max(libraries, key=lambda p: len(p.name))  # libonnxruntime.so.1.32.0
+
+
+def _onnxruntime_headers(root: Path, say: Callable[[str], None]) -> Path:
+    """The directory holding onnxruntime_cxx_api.h: the environment's, cached, or fetched."""
+    if os.environ.get(ORT_INCLUDE_ENV):
+        include = Path(os.environ[ORT_INCLUDE_ENV])
+        if not (include / "onnxruntime_cxx_api.h").is_file():
+            raise CppError(f"{ORT_INCLUDE_ENV}={include} has no onnxruntime_cxx_api.h")
+        return include
+    dest = root / "onnxruntime-headers"
+    include = dest / "usr" / "include" / "onnxruntime"
+    if (include / "onnxruntime_cxx_api.h").is_file():
+        return include
+    missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise CppError(
+            f"cannot fetch the ONNX Runtime headers: {' and '.join(missing)} not found (not "
+            f"a Debian-based system?); set {ORT_INCLUDE_ENV} to a directory with "
+            "onnxruntime_cxx_api.h"
+        )
+    say(f"fetching the ONNX Runtime C++ headers ({ORT_HEADERS_PACKAGE} from Debian trixie)")
+    with tempfile.TemporaryDirectory(dir=root, prefix="fetch-") as tmp:
+        work = Path(tmp)
+        (work / "lists" / "partial").mkdir(parents=True)
+        (work / "cache" / "archives" / "partial").mkdir(parents=True)
+        (work / "sources.list").write_text(f"deb {_debian_mirror()} {DEBIAN_SUITE} main\n")
+        apt = ["apt-get", "-q"]
+        for option in (
+            f"Dir::Etc::SourceList={work / 'sources.list'}",
+            "Dir::Etc::SourceParts=/dev/null",
+            f"Dir::State::Lists={work / 'lists'}",
+            f"Dir::Cache={work / 'cache'}",
+            "Acquire::Retries=2",
+            "Acquire::http::Timeout=30",
+            "APT::Update::Error-Mode=any",  # fail on a failed fetch (apt >= 2.1), not just warn
+            *(["APT::Sandbox::User=root"] if os.geteuid() == 0 else []),
+        ):
+            apt += ["-o", option]
+        hint = f"; or set {ORT_INCLUDE_ENV} to a directory with onnxruntime_cxx_api.h"
+        for step in (["update"], ["download", ORT_HEADERS_PACKAGE]):
+            _check([*apt, *step], f"apt-get {step[0]} (Debian trixie)", FETCH_TIMEOUT_S, work, hint)
+        debs = sorted(work.glob(f"{ORT_HEADERS_PACKAGE}_*.deb"))
+        if not debs:
+            raise CppError(f"apt-get download wrote no {ORT_HEADERS_PACKAGE}_*.deb{hint}")
+        extracted = work / "extracted"
+        _check(["dpkg-deb", "-x", str(debs[0]), str(extracted)], "dpkg-deb -x", FETCH_TIMEOUT_S)
+        if not (extracted / include.relative_to(dest) / "onnxruntime_cxx_api.h").is_file():
+            raise CppError(f"{debs[0].name} has no usr/include/onnxruntime/onnxruntime_cxx_api.h")
+        (extracted / "PACKAGE").write_text(debs[0].name + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        extracted.rename(dest)
+    return include
+
+
+def _debian_mirror() -> str:
+    """The Debian archive this machine's apt already uses (its first `debian` URI)."""
+    files = [p for d in APT_SOURCES for p in (sorted(d.glob("*")) if d.is_dir() else [d])]
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"] or words[:1] == ["deb"]:
+                uris = [w for w in words[1:] if "://" in w]
+                if uris and uris[0].rstrip("/").endswith("/debian"):
+                    return uris[0].rstrip("/")
+    raise CppError(
+        "cannot fetch the ONNX Runtime headers: no Debian archive in this machine's apt sources "
+        f"(/etc/apt); set {ORT_INCLUDE_ENV} to a directory with onnxruntime_cxx_api.h"
+    )
+
+
+def _check(
+    command: Sequence[str], what: str, timeout: float, cwd: Path | None = None, hint: str = ""
+) -> None:
+    """Run a build tool; on failure raise CppError with the end of its output."""
+    try:
+        done = subprocess.run(
+            command, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise CppError(f"{what} did not finish within {timeout:g} s{hint}") from None
+    except OSError as e:
+        raise CppError(f"{what} could not start: {e}{hint}") from None
+    if done.returncode != 0:
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        errors = [line for line in lines if "error" in line.lower() or line.startswith("E:")]
+        tail = " | ".join((errors or lines)[-8:])
+        raise CppError(f"{what} failed (exit {done.returncode}): {tail}{hint}")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # Two processes (a test run and `lstm-deploy validate --cpp`) may build in the same directory.
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lstm_deploy_export.cpp",
+        description="Build the C++ programs of export/cpp (LibTorch, ONNX Runtime) and print "
+        "their paths.",
+    )
+    parser.add_argument("--build-dir", type=Path, help=f"default: {default_build_dir()}")
+    args = parser.parse_args(argv)
+    programs = build(args.build_dir, progress=lambda line: print(line, file=sys.stderr))
+    for program in PROGRAMS:
+        if program in programs.paths:
+            print(f"{program}: {programs.paths[program]}")
+        else:
+            print(f"{program}: not built: {programs.unavailable[program]}")
+    return 1 if programs.unavailable else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
