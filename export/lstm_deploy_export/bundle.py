@@ -111,7 +111,7 @@ def export_bundle(
             raise BundleError(
                 f"{out} is not empty; pass --force to overwrite it, or choose another --out"
             )
-        for name in [MANIFEST, WEIGHTS, *ARTIFACTS.values(), "triton"]:
+        for name in [MANIFEST, WEIGHTS, *ARTIFACTS.values(), "triton", "kserve"]:
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)

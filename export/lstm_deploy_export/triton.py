@@ -2,10 +2,24 @@
 
 Each config is a dict in the JSON form of Triton's ModelConfig (what Triton's
 `GET /v2/models/{m}/config` returns); the manifest keeps the dicts and our server serves them.
+
+The repository holds four models over the same weights:
+
+- `lstm_onnx` (onnxruntime backend) and `lstm_torchscript` (libtorch backend): for NVIDIA's
+  Triton container, CPU or GPU;
+- `lstm_python` and `lstm_python_stateful` (python backend): `model.onnx` run by ONNX Runtime
+  inside Triton's python backend, batched with `lstm_deploy_serving.batching` (requests of
+  different lengths merged by padding + `lengths`, as our server does) and, in the stateful one,
+  `(h, c)` kept per correlation id with `lstm_deploy_serving.sequences`. They run on any Triton
+  whose python backend has numpy and onnxruntime (the `nvidia-pytriton` wheel's, which has no
+  onnxruntime or libtorch backend, and which `lstm-deploy triton` starts).
+
+Beside the repository, `kserve/inferenceservice.yaml` serves it on KServe.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +28,13 @@ from lstm_deploy_export.signature import BATCH, Signature, TensorSpec
 
 MAX_BATCH_SIZE = 64
 MAX_QUEUE_DELAY_US = 500
+MAX_SEQUENCE_IDLE_US = 60_000_000
+MAX_CANDIDATE_SEQUENCES = 64
+KSERVE_MANIFEST = "kserve/inferenceservice.yaml"  # relative to the bundle, beside triton/
+# The python backend's model.py, and the numpy-only modules of lstm_deploy_serving it imports:
+# copied beside it, so the repository needs no lstm-deploy installed where Triton runs.
+PYTHON_MODEL_SOURCE = "triton_model.py"
+SERVING_MODULES = ("batching.py", "errors.py", "sequences.py")
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 _ENUM_FIELDS = frozenset({"data_type", "kind"})
 
@@ -63,6 +84,125 @@ def torchscript_config(sig: Signature, name: str = "lstm_torchscript") -> dict[s
     }
 
 
+def python_config(sig: Signature, name: str = "lstm_python") -> dict[str, Any]:
+    """The python-backend model: ONNX Runtime in Triton's python backend, dynamically batched.
+
+    As on our server, only `input` is required (`lengths` defaults to full length, `h0`/`c0` to
+    zeros). `input` allows ragged batches: the python backend gets each request on its own, so
+    Triton may hand it requests of different lengths at once, and model.py pads them together.
+    (Triton batches together only requests that carry the same optional inputs.)
+    """
+    inputs = [_tensor(t) for t in sig.inputs]
+    for entry in inputs:
+        if entry["name"] == "input":
+            entry["allow_ragged_batch"] = True
+        else:
+            entry["optional"] = True
+    return {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": MAX_BATCH_SIZE,
+        "input": inputs,
+        "output": [_tensor(t) for t in sig.outputs],
+        "dynamic_batching": {"max_queue_delay_microseconds": MAX_QUEUE_DELAY_US},
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+    }
+
+
+def _control(name: str, kind: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "control": [{"kind": kind, **fields}]}
+
+
+def python_stateful_config(sig: Signature, name: str = "lstm_python_stateful") -> dict[str, Any]:
+    """The python-backend model with Triton's sequence batcher: `(h, c)` kept per sequence.
+
+    Triton turns a request's `sequence_id`/`sequence_start`/`sequence_end` into the control
+    inputs START, END (int32 0/1) and CORRID (uint64); model.py keeps each correlation id's state
+    from one request to the next and frees it at END. The oldest-first strategy runs chunks of
+    different sequences together in one batch, each sequence's chunks in order.
+    """
+    config = python_config(sig, name)
+    del config["dynamic_batching"]
+    config["sequence_batching"] = {
+        "max_sequence_idle_microseconds": MAX_SEQUENCE_IDLE_US,
+        "control_input": [
+            _control("START", "CONTROL_SEQUENCE_START", int32_false_true=[0, 1]),
+            _control("END", "CONTROL_SEQUENCE_END", int32_false_true=[0, 1]),
+            _control("CORRID", "CONTROL_SEQUENCE_CORRID", data_type="TYPE_UINT64"),
+        ],
+        "oldest": {
+            "max_candidate_sequences": MAX_CANDIDATE_SEQUENCES,
+            "max_queue_delay_microseconds": MAX_QUEUE_DELAY_US,
+        },
+    }
+    return config
+
+
+def _serving_package() -> Path:
+    # Located, not imported: lstm_deploy_export does not depend on lstm_deploy_serving, but both
+    # ship in the one lstm-deploy distribution, so the source files are always there.
+    spec = importlib.util.find_spec("lstm_deploy_serving")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "lstm_deploy_serving is not installed: reinstall lstm-deploy (its wheel ships it)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _write_python_model(version_dir: Path) -> None:
+    package = _serving_package()
+    shutil.copyfile(package / PYTHON_MODEL_SOURCE, version_dir / "model.py")
+    vendored = version_dir / "lstm_deploy_serving"
+    vendored.mkdir(exist_ok=True)
+    for module in SERVING_MODULES:
+        shutil.copyfile(package / module, vendored / module)
+    # Not the package's own __init__ (it imports more than these modules): model.py imports
+    # the modules by name.
+    (vendored / "__init__.py").write_text(
+        '"""The numpy-only modules of lstm_deploy_serving that model.py uses (a copy)."""\n'
+    )
+
+
+def kserve_manifest(configs: dict[str, dict[str, Any]], name: str = "lstm") -> str:
+    """A KServe `InferenceService` (YAML) serving the repository with KServe's Triton runtime.
+
+    It loads the onnxruntime and libtorch models only: NVIDIA's Triton image has those backends,
+    and its python backend has no onnxruntime for the python-backend models.
+    """
+    loads = [n for n, c in configs.items() if c.get("backend") != "python"]
+    args = ["--model-control-mode=explicit", *(f"--load-model={n}" for n in loads)]
+    return "\n".join(
+        [
+            "# Generated by lstm-deploy: serves the Triton repository of the bundle on KServe.",
+            "# Copy triton/ to object storage and point storageUri at it. For GPUs, set",
+            "# instance_group { kind: KIND_GPU } in the models' config.pbtxt and uncomment the",
+            '# nvidia.com/gpu limit. See README.md, "Scale out on Triton / KServe".',
+            "apiVersion: serving.kserve.io/v1beta1",
+            "kind: InferenceService",
+            "metadata:",
+            f"  name: {name}",
+            "spec:",
+            "  predictor:",
+            "    model:",
+            "      modelFormat:",
+            "        name: triton",
+            "      protocolVersion: v2",
+            '      storageUri: "s3://YOUR-BUCKET/path/to/bundle/triton"',
+            "      args:",
+            *(f'        - "{a}"' for a in args),
+            "      resources:",
+            "        requests:",
+            '          cpu: "1"',
+            "          memory: 2Gi",
+            "        limits:",
+            '          cpu: "2"',
+            "          memory: 4Gi",
+            '          # nvidia.com/gpu: "1"',
+            "",
+        ]
+    )
+
+
 def to_pbtxt(config: dict[str, Any], header: str = "") -> str:
     """Protobuf text format for a ModelConfig dict (messages, repeated fields, enums, scalars)."""
     lines = [f"# {line}" for line in header.splitlines()]
@@ -98,26 +238,41 @@ def _render(message: dict[str, Any], lines: list[str], depth: int) -> None:
 def write_repository(
     root: Path, sig: Signature, onnx_model: Path | None, torchscript_model: Path | None
 ) -> dict[str, dict[str, Any]]:
-    """Write `root/<model>/config.pbtxt` and `root/<model>/1/<file>`; return the configs by name."""
+    """Write `root/<model>/config.pbtxt` and `root/<model>/1/<files>`; return the configs by name.
+
+    The python-backend models come with `onnx_model`. Beside `root`, the KServe manifest for its
+    onnxruntime and libtorch models: `root/../kserve/inferenceservice.yaml`.
+    """
     configs: dict[str, dict[str, Any]] = {}
+    python_header = (
+        "\nThe python backend runs 1/model.py (lstm_deploy_serving's triton_model.py) on"
+        "\n1/model.onnx with ONNX Runtime: numpy and onnxruntime must be in its Python."
+    )
     models = [
         (onnx_config(sig), onnx_model, "model.onnx", ""),
         (
             torchscript_config(sig),
             torchscript_model,
             "model.pt",
-            "\n".join(f"{n} = {t}" for t, n in torchscript_names(sig).items()),
+            "\nThe libtorch backend names tensors by position:\n"
+            + "\n".join(f"{n} = {t}" for t, n in torchscript_names(sig).items()),
         ),
+        (python_config(sig), onnx_model, "model.onnx", python_header),
+        (python_stateful_config(sig), onnx_model, "model.onnx", python_header),
     ]
-    for config, source, filename, names in models:
+    for config, source, filename, note in models:
         if source is None:
             continue
         model_dir = root / config["name"]
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, model_dir / "1" / filename)
-        header = f"Generated by lstm-deploy. Triton model configuration for {filename}."
-        if names:
-            header += "\nThe libtorch backend names tensors by position:\n" + names
+        if config.get("backend") == "python":
+            _write_python_model(model_dir / "1")
+        header = f"Generated by lstm-deploy. Triton model configuration for {filename}." + note
         (model_dir / "config.pbtxt").write_text(to_pbtxt(config, header))
         configs[config["name"]] = config
+    if any(c.get("backend") != "python" for c in configs.values()):
+        kserve = root.parent / KSERVE_MANIFEST
+        kserve.parent.mkdir(parents=True, exist_ok=True)
+        kserve.write_text(kserve_manifest(configs))
     return configs

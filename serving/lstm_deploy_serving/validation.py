@@ -6,6 +6,7 @@ request from the message alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,14 @@ from .errors import BadRequest
 from .protocol import InputTensor
 
 REQUIRED = ("input",)
+
+
+def _signature_form(t: InputTensor, spec: TensorSpec) -> InputTensor:
+    # Triton's configs declare a [batch] tensor (lengths) as dims [1] reshaped away, so Triton
+    # clients send [batch, 1]: accept that form too, so the same client code works on both servers.
+    if len(spec.shape) == 1 and len(t.shape) == 2 and t.shape[1] == 1:
+        return dataclasses.replace(t, shape=t.shape[:1], data=t.data.reshape(-1))
+    return t
 
 
 def _check_tensor(t: InputTensor, spec: TensorSpec, model: str) -> None:
@@ -54,6 +63,8 @@ def check_inputs(
                 f"unexpected inference input '{t.name}' for model '{model}' "
                 f"(its inputs: {', '.join(known)})"
             )
+    inputs = [_signature_form(t, known[t.name]) for t in inputs]
+    for t in inputs:
         _check_tensor(t, known[t.name], model)
     tensors = {t.name: t.data for t in inputs}
     for name in REQUIRED:

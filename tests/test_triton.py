@@ -1,0 +1,433 @@
+"""The bundle's Triton repository on a real Triton Inference Server (nvidia-pytriton's tritonserver).
+
+Triton runs from a second venv (nvidia-pytriton needs numpy<2; this one has numpy 2):
+``scripts/setup_triton_venv.sh`` creates ``.venv-triton``, or ``$LSTM_DEPLOY_TRITON_PYTHON`` names
+its Python. Without it the Triton tests skip, except on CI (``CI=true``), where they fail: CI
+installs it. Where the platform cannot run the wheel (glibc < 2.35) they skip with that reason.
+
+Every expected value comes from a direct ONNX Runtime run of the bundle's model.onnx, and the same
+requests go to our server (lstm_deploy_serving) and to Triton, over tritonclient.http (binary and
+JSON) and tritonclient.grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from google.protobuf import text_format
+from lstm_deploy_export.triton_server import (
+    ENV_PYTHON,
+    TritonServer,
+    TritonSetupError,
+    check_platform,
+    check_repository,
+    infer,
+    triton_outputs,
+)
+from serving_support import Reference, exported_bundle, running_server
+from tritonclient.grpc import model_config_pb2
+
+ATOL = 1e-5
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+PYTHON_MODELS = ("lstm_python", "lstm_python_stateful")
+TRITON_DTYPES = {"float32": model_config_pb2.TYPE_FP32, "int64": model_config_pb2.TYPE_INT64}
+
+
+def _triton_python() -> Path:
+    """The Triton venv's Python, or a skip (a failure on CI) saying how to create it."""
+    try:
+        check_platform()
+    except TritonSetupError as e:
+        pytest.skip(str(e))
+    python = Path(os.environ.get(ENV_PYTHON) or DEFAULT_PYTHON)
+    if not python.is_file():
+        message = (
+            f"no Triton venv at {python}: run scripts/setup_triton_venv.sh "
+            f"(or set {ENV_PYTHON} to the Python of an environment with lstm-deploy[triton])"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return exported_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def full_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every artifact Triton can serve (onnxruntime, libtorch, python), bidirectional."""
+    import torch
+    from lstm_deploy_export.bundle import export_bundle
+
+    import lstm_deploy
+
+    torch.manual_seed(0)
+    model = lstm_deploy.LSTM(4, 8, num_layers=2, bidirectional=True, batch_first=True)
+    out = tmp_path_factory.mktemp("triton") / "bundle"
+    return export_bundle(model, out, artifacts=("onnx", "torchscript")).path
+
+
+@pytest.fixture(scope="module")
+def reference(bundle_dir: Path) -> Reference:
+    return Reference(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def triton_python() -> Path:
+    return _triton_python()
+
+
+@pytest.fixture(scope="module")
+def triton(bundle_dir: Path, triton_python: Path) -> Iterator[TritonServer]:
+    with TritonServer(check_repository(bundle_dir), python=triton_python) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ours(bundle_dir: Path) -> Iterator[str]:
+    """Our server, under the python model's name: the same client code works on both."""
+    with running_server(bundle_dir, model_name="lstm_python") as url:
+        yield url
+
+
+@pytest.fixture
+def http_client(triton: TritonServer) -> Iterator[object]:
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(triton.http_url)
+    yield client
+    client.close()  # before the server stops: an open keep-alive connection delays its exit
+
+
+# -- the generated files (no server) ----------------------------------------------------------
+
+
+def _dims(tensor: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> list[int]:
+    return list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+
+
+def test_every_config_parses_and_agrees_with_the_manifest(full_bundle: Path) -> None:
+    manifest = json.loads((full_bundle / "manifest.json").read_text())
+    sig = manifest["signature"]
+    assert set(manifest["triton"]) == {"lstm_onnx", "lstm_torchscript", *PYTHON_MODELS}
+    for model_name, entry in manifest["triton"].items():
+        config = text_format.Parse(
+            (full_bundle / "triton" / model_name / "config.pbtxt").read_text(),
+            model_config_pb2.ModelConfig(),
+        )
+        assert config.name == model_name and config.max_batch_size == entry["max_batch_size"]
+        assert config.platform == entry.get("platform", "")
+        assert config.backend == entry.get("backend", "")
+        for specs, tensors in ((sig["inputs"], config.input), (sig["outputs"], config.output)):
+            assert len(tensors) == len(specs)
+            for i, (spec, tensor) in enumerate(zip(specs, tensors, strict=True)):
+                if model_name == "lstm_torchscript":
+                    kind = "INPUT" if specs is sig["inputs"] else "OUTPUT"
+                    assert tensor.name == f"{kind}__{i}"
+                else:
+                    assert tensor.name == spec["name"]
+                assert tensor.data_type == TRITON_DTYPES[spec["dtype"]]
+                expected = [-1 if isinstance(d, str) else d for d in spec["shape"][1:]]
+                assert _dims(tensor) == expected, (model_name, tensor.name)
+        if model_name in PYTHON_MODELS:
+            assert config.backend == "python"
+            inputs = {t.name: t for t in config.input}
+            assert inputs["input"].allow_ragged_batch and not inputs["input"].optional
+            assert all(inputs[n].optional for n in ("lengths", "h0", "c0"))
+            files = {p.name for p in (full_bundle / "triton" / model_name / "1").iterdir()}
+            assert {"model.py", "model.onnx", "lstm_deploy_serving"} <= files
+            assert (
+                manifest["files"][f"triton/{model_name}/1/model.onnx"]["sha256"]
+                == manifest["files"]["model.onnx"]["sha256"]
+            )
+    stateful = text_format.Parse(
+        (full_bundle / "triton/lstm_python_stateful/config.pbtxt").read_text(),
+        model_config_pb2.ModelConfig(),
+    )
+    batcher = stateful.sequence_batching
+    kinds = {c.name: c.control[0].kind for c in batcher.control_input}
+    assert kinds == {
+        "START": model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START,
+        "END": model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END,
+        "CORRID": model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID,
+    }
+    assert batcher.HasField("oldest") and batcher.max_sequence_idle_microseconds > 0
+    assert not stateful.HasField("dynamic_batching")
+
+
+def test_kserve_manifest(full_bundle: Path) -> None:
+    manifest = json.loads((full_bundle / "manifest.json").read_text())
+    assert "kserve/inferenceservice.yaml" in manifest["files"]
+    service = yaml.safe_load((full_bundle / "kserve/inferenceservice.yaml").read_text())
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert service["kind"] == "InferenceService"
+    assert service["metadata"]["name"]
+    model = service["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "triton" and model["storageUri"].endswith("/triton")
+    # NVIDIA's image runs the onnxruntime and libtorch models; its python has no onnxruntime.
+    assert "--model-control-mode=explicit" in model["args"]
+    loaded = {a.split("=", 1)[1] for a in model["args"] if a.startswith("--load-model=")}
+    assert loaded == {"lstm_onnx", "lstm_torchscript"}
+
+
+# -- a real Triton ----------------------------------------------------------------------------
+
+
+def _request(rng: np.random.Generator, batch: int, steps: int, full: bool) -> dict:
+    inputs = {"input": rng.standard_normal((batch, steps, 8), dtype=np.float32)}
+    if full:  # every optional input given; otherwise the servers fill in the defaults
+        inputs["lengths"] = rng.integers(1, steps + 1, batch).astype(np.int64)
+        inputs["h0"] = rng.standard_normal((batch, 2, 16), dtype=np.float32)
+        inputs["c0"] = rng.standard_normal((batch, 2, 16), dtype=np.float32)
+    return inputs
+
+
+def _expected(reference: Reference, inputs: dict) -> dict[str, np.ndarray]:
+    return reference.run(inputs["input"], *(inputs.get(n) for n in ("lengths", "h0", "c0")))
+
+
+def test_triton_loads_the_bundle_repository(http_client, triton: TritonServer) -> None:
+    assert http_client.is_server_ready()
+    index = {m["name"]: m.get("state") for m in http_client.get_model_repository_index()}
+    assert index["lstm_python"] == index["lstm_python_stateful"] == "READY"
+    assert index.get("lstm_onnx") != "READY"  # explicit mode: the wheel has no onnxruntime backend
+    config = http_client.get_model_config("lstm_python")
+    assert config["backend"] == "python" and config["max_batch_size"] == 64
+    assert [t["name"] for t in config["input"]] == ["input", "lengths", "h0", "c0"]
+
+
+@pytest.mark.parametrize("batch,steps,full", [(1, 1, False), (3, 17, True), (5, 40, False)])
+def test_same_outputs_from_triton_and_ours(
+    triton: TritonServer, ours: str, reference: Reference, batch: int, steps: int, full: bool
+) -> None:
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    inputs = _request(np.random.default_rng(steps), batch, steps, full)
+    expected = _expected(reference, inputs)
+    runs = {}
+    # The same requests to both servers (lengths as [batch, 1], as the Triton config declares it).
+    for server, url in (("triton", triton.http_url), ("ours", ours)):
+        client = http.InferenceServerClient(url)
+        try:
+            for name, binary in (("binary", True), ("json", False)):
+                runs[f"{server} http {name}"] = infer(client, "lstm_python", inputs, binary=binary)
+        finally:
+            client.close()
+    client = grpc.InferenceServerClient(triton.grpc_url)
+    try:
+        runs["triton grpc"] = infer(client, "lstm_python", inputs)
+    finally:
+        client.close()
+    for name, outputs in runs.items():
+        for key, want in expected.items():
+            np.testing.assert_allclose(
+                outputs[key], want, rtol=0, atol=ATOL, err_msg=f"{name} {key}"
+            )
+            np.testing.assert_allclose(
+                outputs[key], runs["ours http binary"][key], rtol=0, atol=ATOL, err_msg=name
+            )
+
+
+def test_a_subset_of_outputs_and_a_bad_request(http_client) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    x = np.ones((1, 4, 8), np.float32)
+    outputs = infer(http_client, "lstm_python", {"input": x}, outputs=["hn"])
+    assert set(outputs) == {"hn"} and outputs["hn"].shape == (1, 2, 16)
+    with pytest.raises(InferenceServerException, match=r"lengths must be in \[1, 4\]"):
+        infer(http_client, "lstm_python", {"input": x, "lengths": np.array([9], np.int64)})
+    assert infer(http_client, "lstm_python", {"input": x})["output"].shape == (1, 4, 16)
+
+
+def _exec_count(server: TritonServer, model: str) -> float:
+    return server.metrics().get(f'nv_inference_exec_count{{model="{model}",version="1"}}', 0.0)
+
+
+def test_48_concurrent_mixed_length_requests_are_batched(
+    triton: TritonServer, reference: Reference
+) -> None:
+    import tritonclient.http as http
+    import tritonclient.http.aio as aio
+
+    rng = np.random.default_rng(48)
+    # Every request has its own length: any merged execution merged different lengths. Triton
+    # batches requests only with the same set of inputs (here all four, lengths < T included).
+    requests = [_request(rng, 1, steps, full=True) for steps in range(1, 49)]
+    before = _exec_count(triton, "lstm_python")
+
+    async def send_all() -> list[dict[str, np.ndarray]]:
+        client = aio.InferenceServerClient(triton.http_url, conn_limit=64)
+        try:
+
+            async def one(inputs: dict) -> dict[str, np.ndarray]:
+                wire = []
+                for name, value in inputs.items():
+                    array = value.reshape(-1, 1) if name == "lengths" else value
+                    t = http.InferInput(
+                        name, list(array.shape), "INT64" if name == "lengths" else "FP32"
+                    )
+                    t.set_data_from_numpy(np.ascontiguousarray(array))
+                    wire.append(t)
+                result = await client.infer("lstm_python", wire)
+                return {n: result.as_numpy(n) for n in ("output", "hn", "cn")}
+
+            return await asyncio.gather(*(one(r) for r in requests))
+        finally:
+            await client.close()
+
+    results = asyncio.run(send_all())
+    executions = _exec_count(triton, "lstm_python") - before
+    assert 1 <= executions < len(requests), executions
+    for inputs, outputs in zip(requests, results, strict=True):
+        for key, want in _expected(reference, inputs).items():
+            np.testing.assert_allclose(outputs[key], want, rtol=0, atol=ATOL)
+    stats = triton.metrics()
+    assert stats['nv_inference_request_success{model="lstm_python",version="1"}'] >= 48
+
+
+def _stream(url: str, model: str, sequences: dict[int, np.ndarray], chunk: dict[int, int]) -> dict:
+    """Each sequence in chunks; a round sends the next chunk of every live sequence at once."""
+    import tritonclient.http as http
+    import tritonclient.http.aio as aio
+
+    async def run() -> dict[int, list[dict[str, np.ndarray]]]:
+        client = aio.InferenceServerClient(url)
+        parts: dict[int, list[dict[str, np.ndarray]]] = {k: [] for k in sequences}
+        try:
+
+            async def send(seq_id: int, start: int) -> None:
+                x = sequences[seq_id][:, start : start + chunk[seq_id]]
+                t = http.InferInput("input", list(x.shape), "FP32")
+                t.set_data_from_numpy(np.ascontiguousarray(x))
+                result = await client.infer(
+                    model,
+                    [t],
+                    sequence_id=seq_id,
+                    sequence_start=start == 0,
+                    sequence_end=start + chunk[seq_id] >= sequences[seq_id].shape[1],
+                )
+                parts[seq_id].append({n: result.as_numpy(n) for n in ("output", "hn", "cn")})
+
+            longest = max(x.shape[1] for x in sequences.values())
+            for step in range(0, longest, min(chunk.values())):
+                due = [
+                    k for k, x in sequences.items() if step % chunk[k] == 0 and step < x.shape[1]
+                ]
+                await asyncio.gather(*(send(k, step) for k in due))
+        finally:
+            await client.close()
+        return parts
+
+    parts = asyncio.run(run())
+    return {
+        k: {
+            "output": np.concatenate([p["output"] for p in chunks], axis=1),
+            "hn": chunks[-1]["hn"],
+            "cn": chunks[-1]["cn"],
+        }
+        for k, chunks in parts.items()
+    }
+
+
+def test_interleaved_sequences_through_the_sequence_batcher_equal_one_shot(
+    triton: TritonServer, ours: str, reference: Reference
+) -> None:
+    rng = np.random.default_rng(3)
+    sequences = {
+        11: reference.random_input(rng, 1, 24),
+        12: reference.random_input(rng, 1, 30),
+        13: reference.random_input(rng, 1, 12),
+    }
+    chunk = {11: 4, 12: 6, 13: 2}  # 6, 5 and 6 chunks, interleaved
+    for url, model in ((triton.http_url, "lstm_python_stateful"), (ours, "lstm_python")):
+        streamed = _stream(url, model, sequences, chunk)
+        for seq_id, x in sequences.items():
+            for key, want in reference.run(x).items():
+                np.testing.assert_allclose(
+                    streamed[seq_id][key],
+                    want,
+                    rtol=0,
+                    atol=ATOL,
+                    err_msg=f"{model} {seq_id} {key}",
+                )
+    # The sequence batcher merged chunks of different sequences into one execution.
+    executions = _exec_count(triton, "lstm_python_stateful")
+    assert 0 < executions < sum(-(-x.shape[1] // chunk[k]) for k, x in sequences.items())
+
+
+# -- the command and the validate hook ------------------------------------------------------
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lstm_deploy_export.cli", "triton", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_cli_errors_name_the_problem(bundle_dir: Path, tmp_path: Path) -> None:
+    cases = [
+        ([str(bundle_dir), "--python", str(tmp_path / "nope")], "no Python at"),
+        ([str(bundle_dir), "--python", sys.executable], "has no nvidia-pytriton"),
+        ([str(tmp_path), "--python", sys.executable], "is not a bundle"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != ENV_PYTHON}
+    for args, message in cases:
+        proc = _cli(*args, env=env)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (args, out, err)
+        assert "lstm-deploy triton: error:" in err and message in err, err
+
+
+def test_cli_serves_until_sigterm(bundle_dir: Path, triton_python: Path) -> None:
+    import tritonclient.http as http
+
+    proc = _cli(str(bundle_dir), "--port", "0", "--python", str(triton_python))
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(5)]  # printed once Triton is ready
+        endpoints = dict(line.split(None, 1) for line in lines[1:4] if line.strip())
+        assert set(endpoints) == {"HTTP", "gRPC", "metrics"}, (lines, proc.stderr)
+        url = endpoints["HTTP"].strip().removeprefix("http://")
+        assert url.startswith("127.0.0.1:")  # loopback only
+        client = http.InferenceServerClient(url)
+        try:
+            x = np.ones((2, 3, 8), np.float32)
+            assert infer(client, "lstm_python", {"input": x})["output"].shape == (2, 3, 16)
+        finally:
+            client.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_triton_outputs_for_validate(
+    bundle_dir: Path, triton_python: Path, reference: Reference
+) -> None:
+    rng = np.random.default_rng(7)
+    cases = [_request(rng, 2, 9, full=True), _request(rng, 1, 33, full=False)]
+    for inputs, outputs in zip(cases, triton_outputs(bundle_dir, cases, python=triton_python)):
+        for key, want in _expected(reference, inputs).items():
+            np.testing.assert_allclose(outputs[key], want, rtol=0, atol=ATOL)
