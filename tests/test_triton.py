@@ -32,7 +32,6 @@ from lstm_deploy_export.triton_server import (
     check_platform,
     check_repository,
     infer,
-    triton_outputs,
 )
 from serving_support import Reference, exported_bundle, running_server
 from tritonclient.grpc import model_config_pb2
@@ -423,11 +422,15 @@ def test_cli_serves_until_sigterm(bundle_dir: Path, triton_python: Path) -> None
             proc.communicate()
 
 
-def test_triton_outputs_for_validate(
-    bundle_dir: Path, triton_python: Path, reference: Reference
+def test_validate_triton_row_runs_the_sweep_through_triton(
+    bundle_dir: Path, triton_python: Path
 ) -> None:
-    rng = np.random.default_rng(7)
-    cases = [_request(rng, 2, 9, full=True), _request(rng, 1, 33, full=False)]
-    for inputs, outputs in zip(cases, triton_outputs(bundle_dir, cases, python=triton_python)):
-        for key, want in _expected(reference, inputs).items():
-            np.testing.assert_allclose(outputs[key], want, rtol=0, atol=ATOL)
+    from lstm_deploy_export.report import PASSED
+    from lstm_deploy_export.validate import validate
+
+    report = validate(
+        bundle_dir, quick=True, triton=True, triton_python=str(triton_python), write=False
+    )
+    row = next(r for r in report.rows if r.runtime == "triton-python")
+    assert row.status == PASSED, (row.reason, row.failures)
+    assert len(row.results) == len(report.cases)  # every case went through the real server

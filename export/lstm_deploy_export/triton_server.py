@@ -501,29 +501,6 @@ def infer(
     return {name: result.as_numpy(name) for name in outputs}
 
 
-def triton_outputs(
-    bundle: str | Path,
-    cases: Sequence[Mapping[str, np.ndarray]],
-    *,
-    python: str | Path | None = None,
-    model: str = "lstm_python",
-) -> list[dict[str, np.ndarray]]:
-    """Run each case (inputs by signature name) through a real Triton serving the bundle.
-
-    For `lstm-deploy validate --triton`: one server for all cases, one request per case, over
-    tritonclient.http with binary tensors. Raises TritonSetupError where Triton cannot run.
-    """
-    import tritonclient.http as httpclient
-
-    repository = check_repository(bundle, [model])
-    with TritonServer(repository, [model], python=python) as server:
-        client = httpclient.InferenceServerClient(server.http_url, network_timeout=300)
-        try:
-            return [infer(client, model, case) for case in cases]
-        finally:
-            client.close()  # before the server stops: keep-alive would delay its exit
-
-
 # -- the command -----------------------------------------------------------------------------
 
 

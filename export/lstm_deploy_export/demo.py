@@ -1,0 +1,115 @@
+"""The main job in one command: export a demo LSTM into a bundle, validate it, say where it is.
+
+The demo model is LSTM(input_size=32, hidden_size=64, num_layers=2, bidirectional=True,
+batch_first=True) with torch.nn.LSTM's init from a fixed seed: small, but with every part a real
+model has (stacked layers, a reverse direction, variable lengths). It is exported to DIR (default
+./demo-bundle) and validated on every runtime present, with the quick sweep (T up to 1024, batch up
+to 64; seconds) unless --thorough. Exit status: 0 all passed, 1 any failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = Path("demo-bundle")
+DEMO_MODEL: dict[str, Any] = {
+    "input_size": 32,
+    "hidden_size": 64,
+    "num_layers": 2,
+    "bidirectional": True,
+    "batch_first": True,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "dir",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_DIR,
+        help=f"the bundle directory (default: {DEFAULT_DIR})",
+    )
+    parser.add_argument(
+        "--thorough", action="store_true", help="validate with the thorough sweep (under a minute)"
+    )
+    parser.add_argument(
+        "--cpp", action="store_true", help="also build and validate the C++ programs (export/cpp)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the demo model's init")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into DIR even if it holds something other than a bundle",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _usage_error(message: str) -> int:
+    print(f"lstm-deploy demo: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    """`lstm-deploy demo`: 0 all passed, 1 any failure, 2 usage error."""
+    out: Path = args.dir
+    if out.exists() and not out.is_dir():
+        return _usage_error(f"{out} exists and is not a directory; choose another DIR")
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and not (out / "manifest.json").is_file()
+        and not args.force
+    ):
+        return _usage_error(
+            f"{out} is not empty and holds no bundle; choose another DIR or pass --force"
+        )
+
+    import torch
+
+    from lstm_deploy import LSTM
+    from lstm_deploy_export.bundle import BundleError, export_bundle
+    from lstm_deploy_export.validate import validate
+
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        model = LSTM(**DEMO_MODEL)
+    print(f"demo model: {model}", file=sys.stderr)
+    try:
+        bundle = export_bundle(
+            model, out, force=True, progress=lambda line: print(f"  {line}", file=sys.stderr)
+        )
+    except (BundleError, OSError) as e:
+        return _usage_error(str(e))
+    print(f"validating {'(thorough sweep)' if args.thorough else '(quick sweep)'}", file=sys.stderr)
+    try:
+        report = validate(
+            bundle,
+            quick=not args.thorough,
+            cpp=args.cpp,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except OSError as e:
+        return _usage_error(f"cannot write the report: {e}")
+
+    print(report.table())
+    print()
+    print(f"the bundle: {bundle.path.resolve()}/")
+    for name, entry in sorted(bundle.manifest["files"].items()):
+        if "/" not in name:
+            print(f"  {name:<22} {entry['size']:>10,} B")
+    print(f"  {'triton/':<22} a Triton model repository (onnxruntime and libtorch backends)")
+    print(f"  {'manifest.json':<22} versions, signature, sha256 of every file, parity summary")
+    print(f"  {'report.json, .md':<22} this parity report in full")
+    print()
+    steps = [(f"lstm-deploy serve {out}", "a KServe v2 (Triton-compatible) HTTP server")]
+    if not args.thorough:
+        command = f"lstm-deploy validate {out}{' --cpp' if args.cpp else ''}"
+        steps.insert(0, (command, "the thorough sweep (under a minute)"))
+    width = max(len(c) for c, _ in steps) + 3
+    print("next:")
+    for command, what in steps:
+        print(f"  {command:<{width}}{what}")
+    return 0 if report.passed else 1

@@ -1,0 +1,52 @@
+"""`lstm-deploy demo`: export the demo bundle, validate it, print the table and where it is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from lstm_deploy_export.bundle import load_bundle
+from lstm_deploy_export.demo import DEMO_MODEL, add_arguments, main
+
+
+def run_demo(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return main(parser.parse_args([*argv, "--no-progress"]))
+
+
+def test_demo_exports_validates_and_says_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "demo-bundle"
+    assert run_demo(str(out)) == 0
+    printed = capsys.readouterr().out
+    bundle = load_bundle(out)  # every file verifies
+    assert {k: bundle.manifest["config"][k] for k in DEMO_MODEL} == DEMO_MODEL
+    assert {"model.pt", "model.onnx", "model.scan.onnx", "weights.safetensors"} <= set(
+        bundle.manifest["files"]
+    )
+    parity = bundle.manifest["parity"]
+    assert parity["passed"] is True and parity["report"] == "report.json"
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["sweep"]["quick"]
+    assert {r["status"] for r in report["rows"] if r["runtime"].endswith("-cpu")} == {"passed"}
+    # the table, the verdict and where everything is
+    assert "onnxruntime-cpu" in printed and "PASSED:" in printed
+    assert f"the bundle: {out.resolve()}/" in printed and "model.onnx" in printed
+    assert f"lstm-deploy serve {out}" in printed
+
+
+def test_demo_refuses_a_directory_that_is_not_a_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert run_demo(str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not empty and holds no bundle" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("")
+    assert run_demo(str(tmp_path / "file")) == 2
+    assert "is not a directory" in capsys.readouterr().err
