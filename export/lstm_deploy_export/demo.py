@@ -100,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
     for name, entry in sorted(bundle.manifest["files"].items()):
         if "/" not in name:
             print(f"  {name:<22} {entry['size']:>10,} B")
-    print(f"  {'triton/':<22} a Triton model repository (onnxruntime and libtorch backends)")
+    print(f"  {'triton/':<22} a Triton model repository (onnxruntime, libtorch, python backends)")
+    print(f"  {'kserve/':<22} a KServe InferenceService for triton/")
     print(f"  {'manifest.json':<22} versions, signature, sha256 of every file, parity summary")
     print(f"  {'report.json, .md':<22} this parity report in full")
     print()
