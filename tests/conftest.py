@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,3 +24,19 @@ def config_id(c: dict) -> str:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle with model.onnx, exported once per session: what the servers serve in the tests."""
+    from serving_support import export_onnx_bundle
+
+    return export_onnx_bundle(tmp_path_factory.mktemp("serving") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def reference(onnx_bundle: Path):
+    """A direct ONNX Runtime run of onnx_bundle's model.onnx: the servers' oracle."""
+    from serving_support import Reference
+
+    return Reference(onnx_bundle)

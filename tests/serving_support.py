@@ -4,7 +4,7 @@ The bundle is a small LSTM (hidden 16, two layers) exported once per test sessio
 ``export_bundle``; servers are started for real on a free loopback port; every expected value
 comes from a direct ONNX Runtime run of the bundle's ``model.onnx``.
 
-Test modules define their fixtures from these helpers (tests/ has no conftest to share them).
+tests/conftest.py turns the bundle and the reference into the `onnx_bundle` and `reference` fixtures.
 """
 
 from __future__ import annotations
@@ -17,34 +17,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 INPUT_SIZE = 8
 HIDDEN_SIZE = 16
 NUM_LAYERS = 2
 
-_bundle: Path | None = None
 
+def export_onnx_bundle(out: Path) -> Path:
+    """The serving tests' bundle: model.onnx of a small 2-layer LSTM (see tests/conftest.py)."""
+    import torch
+    from lstm_deploy_export.bundle import export_bundle
 
-def exported_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The exported test bundle: exported on the first call of the session, then reused.
+    import lstm_deploy
 
-    Each test module wraps it in its own session fixture (``bundle_dir``); the cache here makes
-    the export happen once however many modules ask.
-    """
-    global _bundle
-    if _bundle is None:
-        import torch
-        from lstm_deploy_export.bundle import export_bundle
-
-        import lstm_deploy
-
-        torch.manual_seed(0)
-        model = lstm_deploy.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=NUM_LAYERS, batch_first=True)
-        out = tmp_path_factory.mktemp("serving") / "bundle"
-        export_bundle(model, out, artifacts=("onnx",))
-        _bundle = out
-    return _bundle
+    torch.manual_seed(0)
+    model = lstm_deploy.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=NUM_LAYERS, batch_first=True)
+    return export_bundle(model, out, artifacts=("onnx",)).path
 
 
 class Reference:

@@ -15,20 +15,10 @@ import pytest
 from lstm_deploy_serving.batching import fill_defaults, pad_and_merge, split
 from lstm_deploy_serving.errors import ServerFault, Unavailable
 from lstm_deploy_serving.scheduler import DynamicBatcher
-from serving_support import Reference, exported_bundle, metrics, running_server
+from serving_support import Reference, metrics, running_server
 
 ATOL = 1e-5
 STATES = {"h0": (2, 16), "c0": (2, 16)}
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(bundle_dir: Path) -> Reference:
-    return Reference(bundle_dir)
 
 
 def _request(
@@ -185,9 +175,9 @@ def test_stop_runs_what_is_queued() -> None:
 
 
 @pytest.fixture(scope="module")
-def url(bundle_dir: Path) -> Iterator[str]:
+def url(onnx_bundle: Path) -> Iterator[str]:
     # A 5 ms window so that merging does not hinge on the scheduling of a loaded test machine.
-    with running_server(bundle_dir, max_queue_delay_us=5000) as address:
+    with running_server(onnx_bundle, max_queue_delay_us=5000) as address:
         yield address
 
 

@@ -18,15 +18,9 @@ import numpy as np
 import pytest
 from lstm_deploy_serving import cli
 from lstm_deploy_serving.server import ThreadedServer
-from serving_support import exported_bundle
 
 INFER = "/v2/models/lstm_onnx/infer"
 LIMITS = {"max_sequence_length": 64, "max_batch_size": 4, "max_body_bytes": 64 * 1024}
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_bundle(tmp_path_factory)
 
 
 def _tensor(name: str, value: np.ndarray, datatype: str = "FP32") -> dict[str, Any]:
@@ -226,10 +220,10 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
 
 
 @pytest.fixture(scope="module")
-def server(bundle_dir: Path) -> Iterator[ThreadedServer]:
+def server(onnx_bundle: Path) -> Iterator[ThreadedServer]:
     from lstm_deploy_serving.config import ServeOptions
 
-    options = ServeOptions(bundle=bundle_dir, port=0, log_level="warning", **LIMITS)  # type: ignore[arg-type]
+    options = ServeOptions(bundle=onnx_bundle, port=0, log_level="warning", **LIMITS)  # type: ignore[arg-type]
     with ThreadedServer(options) as s:
         yield s
 
@@ -304,10 +298,10 @@ def test_cli_missing_bundle(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
 
 
 def test_cli_tampered_model(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, bundle_dir: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, onnx_bundle: Path
 ) -> None:
     copy = tmp_path / "bundle"
-    shutil.copytree(bundle_dir, copy)
+    shutil.copytree(onnx_bundle, copy)
     data = bytearray((copy / "model.onnx").read_bytes())
     data[-1] ^= 1
     (copy / "model.onnx").write_bytes(bytes(data))
@@ -315,12 +309,12 @@ def test_cli_tampered_model(
     assert code == 2 and "does not match the sha256" in err and len(err.splitlines()) == 1
 
 
-def test_cli_port_in_use(capsys: pytest.CaptureFixture[str], bundle_dir: Path) -> None:
+def test_cli_port_in_use(capsys: pytest.CaptureFixture[str], onnx_bundle: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, err = _serve(capsys, str(bundle_dir), "--port", str(port))
+        code, err = _serve(capsys, str(onnx_bundle), "--port", str(port))
     assert code == 2 and err.startswith(f"error: cannot listen on 127.0.0.1:{port}")
 
 

@@ -14,26 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as http
-from serving_support import Reference, exported_bundle, metrics, running_server
+from serving_support import Reference, metrics, running_server
 from tritonclient.utils import InferenceServerException
 
 MODEL = "lstm_onnx"
 ATOL = 1e-6
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_bundle(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
-def reference(bundle_dir: Path) -> Reference:
-    return Reference(bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def url(bundle_dir: Path) -> Iterator[str]:
-    with running_server(bundle_dir) as address:
+def url(onnx_bundle: Path) -> Iterator[str]:
+    with running_server(onnx_bundle) as address:
         yield address
 
 
@@ -59,7 +49,7 @@ def _close(result: http.InferResult, expected: dict[str, np.ndarray], names: lis
         np.testing.assert_allclose(got, expected[name], rtol=0, atol=ATOL, err_msg=name)
 
 
-def test_health_and_metadata(client: http.InferenceServerClient, bundle_dir: Path) -> None:
+def test_health_and_metadata(client: http.InferenceServerClient, onnx_bundle: Path) -> None:
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.is_model_ready(MODEL)
@@ -84,11 +74,11 @@ def test_health_and_metadata(client: http.InferenceServerClient, bundle_dir: Pat
 
 
 def test_config_is_the_bundles_triton_config(
-    client: http.InferenceServerClient, bundle_dir: Path
+    client: http.InferenceServerClient, onnx_bundle: Path
 ) -> None:
     import json
 
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
     assert client.get_model_config(MODEL) == manifest["triton"]["lstm_onnx"]
 
 
@@ -175,8 +165,8 @@ def test_versioned_infer_and_metrics(
         assert f"# TYPE {name} " in text and f'{name}{{model="lstm_onnx",version="1"}}' in text
 
 
-def test_model_name_flag(bundle_dir: Path, reference: Reference) -> None:
-    with running_server(bundle_dir, model_name="speech") as address:
+def test_model_name_flag(onnx_bundle: Path, reference: Reference) -> None:
+    with running_server(onnx_bundle, model_name="speech") as address:
         c = http.InferenceServerClient(address)
         assert c.is_model_ready("speech") and not c.is_model_ready(MODEL)
         assert c.get_model_config("speech")["name"] == "speech"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from lstm_deploy_serving import cli
-from serving_support import exported_bundle, running_server
+from serving_support import running_server
 
 TINY = [
     "--concurrency",
@@ -22,11 +22,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_bundle(tmp_path_factory)
-
-
 def _rows(out: str) -> list[list[str]]:
     lines = out.strip().splitlines()
     assert lines[0].startswith("| server | concurrency | requests | errors | req/s | p50 ms")
@@ -35,9 +30,9 @@ def _rows(out: str) -> list[list[str]]:
 
 
 def test_loadtest_against_a_running_server(
-    bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+    onnx_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with running_server(bundle_dir) as url:
+    with running_server(onnx_bundle) as url:
         assert cli.main(["loadtest", f"http://{url}", *TINY]) == 0
     rows = _rows(capsys.readouterr().out)
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
@@ -48,9 +43,9 @@ def test_loadtest_against_a_running_server(
 
 
 def test_loadtest_compares_batching_on_and_off(
-    bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+    onnx_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["loadtest", "--bundle", str(bundle_dir), *TINY]) == 0
+    assert cli.main(["loadtest", "--bundle", str(onnx_bundle), *TINY]) == 0
     rows = _rows(capsys.readouterr().out)
     assert [r[0] for r in rows] == ["dynamic batching"] * 2 + ["no batching"] * 2
     assert all(r[3] == "0" for r in rows)

@@ -14,21 +14,11 @@ import pytest
 import tritonclient.http as http
 from lstm_deploy_serving.errors import BadRequest, ServerFault, Unavailable
 from lstm_deploy_serving.sequences import SequenceStore
-from serving_support import Reference, exported_bundle, metrics, running_server, wait_until
+from serving_support import Reference, metrics, running_server, wait_until
 from tritonclient.utils import InferenceServerException
 
 ATOL = 1e-5
 MODEL = "lstm_onnx"
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(bundle_dir: Path) -> Reference:
-    return Reference(bundle_dir)
 
 
 class _Clock:
@@ -131,8 +121,8 @@ def test_cancel_keeps_the_state_before_the_failed_chunk() -> None:
 
 
 @pytest.fixture(scope="module")
-def url(bundle_dir: Path) -> Iterator[str]:
-    with running_server(bundle_dir) as address:
+def url(onnx_bundle: Path) -> Iterator[str]:
+    with running_server(onnx_bundle) as address:
         yield address
 
 
@@ -239,9 +229,9 @@ def test_sequence_rules(url: str, reference: Reference) -> None:
         client.close()
 
 
-def test_idle_timeout_and_cap_through_the_server(bundle_dir: Path, reference: Reference) -> None:
+def test_idle_timeout_and_cap_through_the_server(onnx_bundle: Path, reference: Reference) -> None:
     x = reference.random_input(np.random.default_rng(9), 1, 2)
-    with running_server(bundle_dir, sequence_idle_timeout_s=0.3, max_sequences=2) as address:
+    with running_server(onnx_bundle, sequence_idle_timeout_s=0.3, max_sequences=2) as address:
         client = http.InferenceServerClient(address)
         try:
             for key in (1, 2):

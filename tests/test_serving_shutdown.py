@@ -14,28 +14,18 @@ import numpy as np
 import pytest
 import tritonclient.http as http
 from lstm_deploy_serving.launch import ServerProcess
-from serving_support import Reference, exported_bundle, metrics, wait_until
+from serving_support import Reference, metrics, wait_until
 
 BURST = 16
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(bundle_dir: Path) -> Reference:
-    return Reference(bundle_dir)
-
-
 def test_sigterm_during_a_burst_finishes_in_flight_requests(
-    bundle_dir: Path, reference: Reference
+    onnx_bundle: Path, reference: Reference
 ) -> None:
     rng = np.random.default_rng(0)
     xs = [reference.random_input(rng, 1, int(t)) for t in rng.integers(1, 40, BURST)]
     # A one-second batching window holds the burst in the server's queue when SIGTERM comes.
-    with ServerProcess(bundle_dir, ["--max-queue-delay-us", "1000000"]) as server:
+    with ServerProcess(onnx_bundle, ["--max-queue-delay-us", "1000000"]) as server:
 
         def infer(x: np.ndarray) -> np.ndarray:
             client = http.InferenceServerClient(server.url)

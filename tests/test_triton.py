@@ -33,7 +33,7 @@ from lstm_deploy_export.triton_server import (
     check_repository,
     infer,
 )
-from serving_support import Reference, exported_bundle, running_server
+from serving_support import Reference, running_server
 from tritonclient.grpc import model_config_pb2
 
 ATOL = 1e-5
@@ -61,11 +61,6 @@ def _triton_python() -> Path:
     return python
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_bundle(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
 def full_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every artifact Triton can serve (onnxruntime, libtorch, python), bidirectional."""
@@ -81,25 +76,20 @@ def full_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(bundle_dir: Path) -> Reference:
-    return Reference(bundle_dir)
-
-
-@pytest.fixture(scope="module")
 def triton_python() -> Path:
     return _triton_python()
 
 
 @pytest.fixture(scope="module")
-def triton(bundle_dir: Path, triton_python: Path) -> Iterator[TritonServer]:
-    with TritonServer(check_repository(bundle_dir), python=triton_python) as server:
+def triton(onnx_bundle: Path, triton_python: Path) -> Iterator[TritonServer]:
+    with TritonServer(check_repository(onnx_bundle), python=triton_python) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def ours(bundle_dir: Path) -> Iterator[str]:
+def ours(onnx_bundle: Path) -> Iterator[str]:
     """Our server, under the python model's name: the same client code works on both."""
-    with running_server(bundle_dir, model_name="lstm_python") as url:
+    with running_server(onnx_bundle, model_name="lstm_python") as url:
         yield url
 
 
@@ -382,10 +372,10 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
-def test_cli_errors_name_the_problem(bundle_dir: Path, tmp_path: Path) -> None:
+def test_cli_errors_name_the_problem(onnx_bundle: Path, tmp_path: Path) -> None:
     cases = [
-        ([str(bundle_dir), "--python", str(tmp_path / "nope")], "no Python at"),
-        ([str(bundle_dir), "--python", sys.executable], "has no nvidia-pytriton"),
+        ([str(onnx_bundle), "--python", str(tmp_path / "nope")], "no Python at"),
+        ([str(onnx_bundle), "--python", sys.executable], "has no nvidia-pytriton"),
         ([str(tmp_path), "--python", sys.executable], "is not a bundle"),
     ]
     env = {k: v for k, v in os.environ.items() if k != ENV_PYTHON}
@@ -396,10 +386,10 @@ def test_cli_errors_name_the_problem(bundle_dir: Path, tmp_path: Path) -> None:
         assert "lstm-deploy triton: error:" in err and message in err, err
 
 
-def test_cli_serves_until_sigterm(bundle_dir: Path, triton_python: Path) -> None:
+def test_cli_serves_until_sigterm(onnx_bundle: Path, triton_python: Path) -> None:
     import tritonclient.http as http
 
-    proc = _cli(str(bundle_dir), "--port", "0", "--python", str(triton_python))
+    proc = _cli(str(onnx_bundle), "--port", "0", "--python", str(triton_python))
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(5)]  # printed once Triton is ready
@@ -423,13 +413,13 @@ def test_cli_serves_until_sigterm(bundle_dir: Path, triton_python: Path) -> None
 
 
 def test_validate_triton_row_runs_the_sweep_through_triton(
-    bundle_dir: Path, triton_python: Path
+    onnx_bundle: Path, triton_python: Path
 ) -> None:
     from lstm_deploy_export.report import PASSED
     from lstm_deploy_export.validate import validate
 
     report = validate(
-        bundle_dir, quick=True, triton=True, triton_python=str(triton_python), write=False
+        onnx_bundle, quick=True, triton=True, triton_python=str(triton_python), write=False
     )
     row = next(r for r in report.rows if r.runtime == "triton-python")
     assert row.status == PASSED, (row.reason, row.failures)

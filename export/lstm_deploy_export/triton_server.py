@@ -194,11 +194,8 @@ class TritonEnvironment:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_repository(bundle: str | Path, models: Iterable[str] = SERVED_MODELS) -> Path:

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,7 +325,7 @@ def validate(
     from lstm_deploy_export.bundle import Bundle, load_bundle
 
     started = time.perf_counter()
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     given = {"atol": atol, "rtol": rtol, "f32_factor": f32_factor}

@@ -86,11 +86,8 @@ def _tensor(entry: dict[str, Any]) -> TensorSpec:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check_signature(spec: ModelSpec) -> None:
