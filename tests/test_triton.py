@@ -25,14 +25,8 @@ import numpy as np
 import pytest
 import yaml
 from google.protobuf import text_format
-from lstm_deploy_export.triton_server import (
-    ENV_PYTHON,
-    TritonServer,
-    TritonSetupError,
-    check_platform,
-    check_repository,
-    infer,
-)
+from lstm_deploy_export._triton_env import ENV_PYTHON, TritonSetupError, check_platform
+from lstm_deploy_export.triton_server import TritonServer, check_repository, infer
 from serving_support import Reference, running_server
 from tritonclient.grpc import model_config_pb2
 
