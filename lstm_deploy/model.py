@@ -3,6 +3,11 @@
 The equations are the seed notebook's (gate order i, f, g, o as in torch.nn.LSTM), written out with
 plain tensor ops: nothing here calls torch.nn.LSTM, torch.lstm or torch._VF. Every function and the
 module are TorchScript-scriptable (proven by tests/test_model_script.py).
+
+Speed (README "Performance", measured with `lstm-deploy bench`): the input projection of all steps
+is one GEMM; a layer's time loop runs the cell as few ops as it can, in one of two forms: the
+differentiable one (`_recurrence`), and, when nothing needs a gradient, the same cell written into
+buffers made once (`_recurrence_no_grad`); padding costs nothing per step (see `lstm_layer`).
 """
 
 import math
@@ -56,12 +61,29 @@ def lstm_cell(
     xw: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor, weight_hr: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor]:
     """One time step; `xw` is the step's input projection W_ih x_t + b_ih + b_hh, precomputed."""
-    gates = torch.addmm(xw, h, weight_hh.t())  # (B, 4H)
-    i, f, g, o = gates.chunk(4, 1)  # (B, H) each
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+    w_hr_t: Optional[Tensor] = None
     if weight_hr is not None:
-        h = torch.mm(h, weight_hr.t())  # (B, proj_size)
+        w_hr_t = weight_hr.t()
+    return _cell(xw, h, c, weight_hh.t(), w_hr_t)
+
+
+def _cell(
+    xw: Tensor, h: Tensor, c: Tensor, w_hh_t: Tensor, w_hr_t: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """`lstm_cell` with the weights' transposes made once per layer, not once per step.
+
+    Also the Scan body of model.scan.onnx, where every op is a node that ONNX Runtime runs at
+    every step: hence one sigmoid over all four gate blocks (g's quarter is wasted work, cheaper
+    than two more kernels) and one Split of it.
+    """
+    hidden = c.size(1)
+    gates = torch.addmm(xw, h, w_hh_t)  # (B, 4H)
+    i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # (B, H) each
+    g = torch.tanh(gates[:, 2 * hidden : 3 * hidden])  # (B, H)
+    c = torch.addcmul(f * c, i, g)  # f * c + i * g
+    h = o * torch.tanh(c)  # (B, H)
+    if w_hr_t is not None:
+        h = torch.mm(h, w_hr_t)  # (B, proj_size)
     return h, c
 
 
@@ -73,33 +95,201 @@ def lstm_layer(
     weight_hh: Tensor,
     bias: Optional[Tensor],
     weight_hr: Optional[Tensor],
-    mask: Optional[Tensor],
+    lengths: Optional[Tensor],
     reverse: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One direction of one layer over time.
 
-    x: (T, B, I); h: (B, H_out); c: (B, H); mask: (T, B, 1) bool, True at valid steps, or None.
-    Masked steps leave (h, c) untouched and output zeros, so the reverse direction of a sequence
-    of length L starts from the initial state at step L-1, as with pack_padded_sequence.
-    Returns output (T, B, H_out) and the final (h, c).
+    x: (T, B, I); h: (B, H_out); c: (B, H); lengths: (B,) int64 in [1, T], or None (all T).
+    With lengths, the outputs at t >= length are zeros and (h, c) is the state after step
+    length - 1; the reverse direction of a sequence of length L starts from the initial state at
+    step L - 1, as with pack_padded_sequence. Returns output (T, B, H_out) and the final (h, c).
+
+    Padding costs nothing per step: each sequence runs unmasked over all T steps (its padded steps
+    cannot reach its valid ones, which come first), its final state is gathered at step L - 1, and
+    its padded outputs are zeroed once. The reverse direction runs forward in time over each
+    sequence reversed within its length.
     """
-    xw = torch.matmul(x, weight_ih.t())  # (T, B, 4H): the input projection of all steps, one GEMM
-    if bias is not None:
-        xw = xw + bias
     steps = x.size(0)
-    output = x.new_zeros(steps, x.size(1), h.size(1))  # (T, B, H_out)
+    xw = _input_projection(x, weight_ih, bias)  # (T, B, 4H)
+    order: Optional[Tensor] = None
+    if lengths is not None and reverse:
+        order = _reversed_within(lengths, steps).unsqueeze(2)  # (T, B, 1)
+        xw = xw.gather(0, order.expand_as(xw))
+        reverse = False
+    cells: Optional[Tensor] = None
+    if lengths is not None:
+        cells = c.new_empty(steps, c.size(0), c.size(1))  # (T, B, H): c at every step
+    w_hh_t = weight_hh.t()
+    w_hr_t: Optional[Tensor] = None
+    if weight_hr is not None:
+        w_hr_t = weight_hr.t()
+    if _needs_grad([xw, h, c, w_hh_t, w_hr_t]):
+        output, h, c = _recurrence(xw, h, c, w_hh_t, w_hr_t, reverse, cells)
+    else:
+        output, h, c = _recurrence_no_grad(xw, h, c, w_hh_t, w_hr_t, reverse, cells)
+    if lengths is None or cells is None:
+        return output, h, c
+    last = (lengths - 1).view(1, -1, 1)  # (1, B, 1)
+    h = output.gather(0, last.expand(1, h.size(0), h.size(1))).squeeze(0)
+    c = cells.gather(0, last.expand(1, c.size(0), c.size(1))).squeeze(0)
+    if order is not None:
+        output = output.gather(0, order.expand_as(output))  # back to time order
+    padding = torch.arange(steps, device=x.device).view(-1, 1, 1) >= lengths.view(1, -1, 1)
+    return output.masked_fill(padding, 0.0), h, c
+
+
+def _needs_grad(tensors: List[Optional[Tensor]]) -> bool:
+    """Whether autograd must see the layer: grad mode is on and some input requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # noqa: SIM110  (TorchScript has no generator expressions for any())
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def _input_projection(x: Tensor, weight_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """W_ih x_t + b for every step at once: one GEMM over all T * B rows, not one per step.
+
+    F.linear, not addmm: TorchScript rewrites addmm into mm + a broadcast add, 2-3x slower here.
+    """
+    return F.linear(x, weight_ih, bias)  # (T, B, 4H)
+
+
+def _reversed_within(lengths: Tensor, steps: int) -> Tensor:
+    """(T, B) step index that reverses each sequence's first `length` steps, padding in place.
+
+    Its own inverse: gathering with it twice gives the original order back.
+    """
+    t = torch.arange(steps, device=lengths.device).unsqueeze(1)  # (T, 1)
+    flipped = lengths.unsqueeze(0) - 1 - t  # (T, B)
+    return torch.where(t < lengths.unsqueeze(0), flipped, t)
+
+
+def _recurrence(
+    xw: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_hh_t: Tensor,
+    w_hr_t: Optional[Tensor],
+    reverse: bool,
+    cells: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The time loop over a precomputed input projection xw (T, B, 4H); fills `cells` if given.
+
+    Differentiable: every step makes new tensors. `_recurrence_no_grad` is the fast path.
+    """
+    steps = xw.size(0)
+    output = xw.new_empty(steps, xw.size(1), h.size(1))  # (T, B, H_out), every step written
     for s in range(steps):
         t = steps - 1 - s if reverse else s
-        h_new, c_new = lstm_cell(xw[t], h, c, weight_hh, weight_hr)
-        if mask is None:
-            h, c = h_new, c_new
-            output[t] = h
-        else:
-            valid = mask[t]  # (B, 1)
-            h = torch.where(valid, h_new, h)
-            c = torch.where(valid, c_new, c)
-            output[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+        h, c = _cell(xw[t], h, c, w_hh_t, w_hr_t)
+        output[t] = h
+        if cells is not None:
+            cells[t] = c
     return output, h, c
+
+
+def _recurrence_no_grad(
+    xw: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_hh_t: Tensor,
+    w_hr_t: Optional[Tensor],
+    reverse: bool,
+    cells: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """`_recurrence` for when nothing needs a gradient: the same cell with `out=` and in-place ops.
+
+    Every step writes into buffers made once (gates and their four block views, tanh(g), tanh(c),
+    two cell states) and h straight into its row of `output`, which is the next step's h: 9 ops
+    per step instead of 13 and no allocation (per-op overhead is most of a step at batch 1).
+    Wide steps (see `_is_wide`) take `_step_wide`.
+    """
+    steps, batch, hidden = xw.size(0), xw.size(1), c.size(1)
+    output = xw.new_empty(steps, batch, h.size(1))  # (T, B, H_out)
+    gates = xw.new_empty(batch, 4 * hidden)  # pre-activations, then activations in place
+    i, f, g, o = gates.chunk(4, 1)  # (B, H) views
+    blocks = (i, f, g, o)
+    g_act = xw.new_empty(batch, hidden)  # tanh(g)
+    tanh_c = xw.new_empty(batch, hidden)
+    h_full = xw.new_empty(batch, hidden)  # o * tanh(c), when projected
+    wide = _is_wide(c)
+    c_prev = c * 2.0 if wide else c.clone()  # the wide step carries 2c (see `_step_wide`)
+    c_next = torch.empty_like(c_prev)
+    for s in range(steps):
+        t = steps - 1 - s if reverse else s
+        if cells is not None:
+            c_next = cells[t]
+        row = output[t]
+        h_next = row if w_hr_t is None else h_full
+        torch.addmm(xw[t], h, w_hh_t, out=gates)  # (B, 4H)
+        if wide:
+            _step_wide(gates, blocks, c_prev, c_next, tanh_c, h_next)
+        else:
+            _step(gates, blocks, c_prev, c_next, g_act, tanh_c, h_next)
+        if w_hr_t is not None:
+            torch.mm(h_full, w_hr_t, out=row)  # (B, proj_size)
+        h = row
+        c_prev, c_next = c_next, c_prev
+    if wide:
+        c_prev = c_prev * 0.5
+        if cells is not None:
+            cells.mul_(0.5)
+    return output, h, c_prev
+
+
+def _step(
+    gates: Tensor,
+    blocks: Tuple[Tensor, Tensor, Tensor, Tensor],
+    c: Tensor,
+    c_next: Tensor,
+    g_act: Tensor,
+    tanh_c: Tensor,
+    h_next: Tensor,
+) -> None:
+    """`_cell`'s pointwise part in place: gates (B, 4H) -> c_next and h_next = o * tanh(c_next)."""
+    i, f, g, o = blocks  # views of gates
+    torch.tanh(g, out=g_act)  # before sigmoid_ overwrites g
+    gates.sigmoid_()  # i, f, o (and g's quarter, unused: one kernel instead of three)
+    torch.mul(f, c, out=c_next)
+    c_next.addcmul_(i, g_act)  # f * c + i * g
+    torch.tanh(c_next, out=tanh_c)
+    torch.mul(o, tanh_c, out=h_next)  # o * tanh(c)
+
+
+def _step_wide(
+    gates: Tensor,
+    blocks: Tuple[Tensor, Tensor, Tensor, Tensor],
+    c2: Tensor,
+    c2_next: Tensor,
+    s_c: Tensor,
+    h_next: Tensor,
+) -> None:
+    """`_step` with tanh(x) = 2 sigmoid(2x) - 1, which is cheaper than tanh (see `_is_wide`).
+
+    The cell state is carried doubled, c2 = 2c (exact in binary floating point), so that
+    tanh(c) = 2 sigmoid(c2) - 1 needs no scaling: 2c' = f * 2c - 2i + 4i * sigmoid(2g).
+    """
+    i, f, s_g, o = blocks  # views of gates
+    s_g.mul_(2.0)
+    gates.sigmoid_()  # i, f, sigmoid(2g), o
+    torch.mul(f, c2, out=c2_next)
+    c2_next.sub_(i, alpha=2.0).addcmul_(i, s_g, value=4.0)  # f 2c + 2i (2 sigmoid(2g) - 1)
+    torch.sigmoid(c2_next, out=s_c)
+    torch.mul(o, s_c.mul_(2.0).sub_(1.0), out=h_next)  # o * tanh(c)
+
+
+def _is_wide(c: Tensor) -> bool:
+    """Whether a step is wide enough (batch * hidden_size elements) for `_step_wide`.
+
+    torch.tanh on the CPU runs MKL VML's high-accuracy vsTanh, about 5x a sigmoid per element
+    (measured; the profile shows mkl_vml_kernel_sTanh_EXHA), so from this size the wide step's
+    three extra cheap ops cost less than two tanh kernels (6-7% faster a step at batch 16-64);
+    below it, per-op overhead dominates and the fewest ops win.
+    """
+    return c.size(0) * c.size(1) >= 2048
 
 
 class LSTM(nn.Module):
@@ -309,11 +499,9 @@ class LSTM(nn.Module):
             _check_state(h0, "h_0", (self.num_layers * d, batch, h_out), x)
             _check_state(c0, "c_0", (self.num_layers * d, batch, self.hidden_size), x)
 
-        mask: Optional[Tensor] = None
-        if lengths is not None:
-            _check_lengths(lengths, batch, steps)
-            steps_idx = torch.arange(steps, device=x.device).unsqueeze(1)  # (T, 1)
-            mask = (steps_idx < lengths.to(x.device).unsqueeze(0)).unsqueeze(2)  # (T, B, 1)
+        padded: Optional[Tensor] = None  # lengths, unless every sequence is full length
+        if lengths is not None and _check_lengths(lengths, batch, steps) < steps:
+            padded = lengths.to(x.device)
 
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
@@ -330,7 +518,7 @@ class LSTM(nn.Module):
                 if self.proj_size > 0:
                     weight_hr = self._w_hr[k]
                 out, h, c = lstm_layer(
-                    x, h0[k], c0[k], self._w_ih[k], self._w_hh[k], bias, weight_hr, mask,
+                    x, h0[k], c0[k], self._w_ih[k], self._w_hh[k], bias, weight_hr, padded,
                     direction == 1,
                 )  # fmt: skip
                 outputs.append(out)
@@ -420,7 +608,8 @@ def _check_state(state: Tensor, name: str, expected: Tuple[int, int, int], x: Te
         raise RuntimeError(f"LSTM: expected {name} on {x.device}, got it on {state.device}")
 
 
-def _check_lengths(lengths: Tensor, batch: int, steps: int) -> None:
+def _check_lengths(lengths: Tensor, batch: int, steps: int) -> int:
+    """Raises for bad lengths; returns the shortest (`steps` for an empty batch)."""
     if lengths.dtype != torch.int64:
         raise TypeError(f"LSTM: expected lengths of dtype torch.int64, got {lengths.dtype}")
     if lengths.dim() != 1 or lengths.size(0) != batch:
@@ -436,3 +625,5 @@ def _check_lengths(lengths: Tensor, batch: int, steps: int) -> None:
                 f"LSTM: every length must be in [1, {steps}] (the sequence length), got values "
                 f"from {lo} to {hi}"
             )
+        return lo
+    return steps

@@ -63,6 +63,28 @@ def test_unbatched_input(config: dict, with_hx: bool) -> None:
         assert_close(model(x, hx), ref(x, hx), TOL[torch.float64])
 
 
+@pytest.mark.parametrize("config", MODEL_CONFIGS[::4], ids=config_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_wide_batches_match_torch_lstm(config: dict, dtype: torch.dtype) -> None:
+    # batch * hidden >= 2048 takes the wide step (tanh through sigmoid, doubled cell state)
+    ref = nn.LSTM(INPUT, 64, **config, dtype=dtype)
+    model = LSTM(INPUT, 64, **config, dtype=dtype)
+    model.load_state_dict(ref.state_dict())
+    shape = (40, 9, INPUT) if config["batch_first"] else (9, 40, INPUT)
+    x = torch.randn(shape, dtype=dtype)
+    lengths = torch.randint(1, 10, (40,))
+    with torch.no_grad():
+        assert_close(model(x), ref(x), TOL[dtype])
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=config["batch_first"], enforce_sorted=False
+        )
+        rpacked, (rh, rc) = ref(packed)
+        rout, _ = nn.utils.rnn.pad_packed_sequence(
+            rpacked, batch_first=config["batch_first"], total_length=9
+        )
+        assert_close(model(x, None, lengths), (rout, (rh, rc)), TOL[dtype])
+
+
 def test_state_dict_round_trip_both_ways() -> None:
     model = LSTM(INPUT, HIDDEN, num_layers=2, bidirectional=True, proj_size=3)
     ref = nn.LSTM(INPUT, HIDDEN, num_layers=2, bidirectional=True, proj_size=3)

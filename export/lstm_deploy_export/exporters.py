@@ -96,6 +96,7 @@ def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
         )
     assert program is not None
     proto = program.model_proto
+    _drop_unused_initializers(proto)
     _name_dynamic_axes(proto, sig)
     onnx.helper.set_model_props(
         proto,
@@ -108,6 +109,27 @@ def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
     check_onnx(proto)
     onnx.save(proto, str(path))
     return Path(path)
+
+
+def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
+    # The exporter can leave constants that no node reads; ONNX Runtime warns about each one on
+    # every session it creates (a serving log line per model load).
+    used = {name for node in _nodes(proto.graph) for name in node.input}
+    used |= {value.name for value in proto.graph.output}
+    unused = [init for init in proto.graph.initializer if init.name not in used]
+    for init in unused:
+        proto.graph.initializer.remove(init)
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of a graph and of its subgraphs (a Scan body reads the outer initializers)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(attr.g)
+            for g in attr.graphs:
+                yield from _nodes(g)
 
 
 def _name_dynamic_axes(proto: onnx.ModelProto, sig: Signature) -> None:

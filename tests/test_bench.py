@@ -1,0 +1,117 @@
+"""`lstm-deploy bench`: it runs, and its outputs hold every row. No timed assertions: the bench is
+the measurement; these tests only check that it measures every backend of every cell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lstm_deploy_export import bench_report
+from lstm_deploy_export.bench import CPU_BACKENDS, QUICK_GRID, REFERENCE, Cell, lstm_flops
+from lstm_deploy_export.bundle import export_bundle
+from lstm_deploy_export.cli import main
+
+from lstm_deploy import LSTM, LSTMConfig
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = LSTM(4, 8, num_layers=2, bidirectional=True, batch_first=True)
+    return export_bundle(model, tmp_path_factory.mktemp("bundle")).path
+
+
+def run_bench(*args: str) -> dict:
+    out = Path(args[args.index("--out") + 1])
+    assert main(["bench", *args]) == 0
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    return json.loads((out / "bench.json").read_text())
+
+
+def assert_every_row(result: dict, batches: list[int], steps: list[int], hidden: list[int]) -> None:
+    cells = {(b, t, h) for b in batches for t in steps for h in hidden}
+    rows = {(r["batch"], r["steps"], r["hidden"], r["backend"]): r for r in result["rows"]}
+    assert set(rows) == {(*cell, name) for cell in cells for name in CPU_BACKENDS}
+    for key, row in rows.items():
+        assert row["median_ms"] > 0 and row["rounds"] >= 1, key
+        assert row["sequences_per_s"] > 0 and row["gflops"] > 0 and row["ratio"] > 0, key
+        assert not row["mismatch"], f"{key}: max abs error {row['max_abs_err']:.3g} vs nn.LSTM"
+    assert all(rows[(*cell, REFERENCE)]["ratio"] == 1.0 for cell in cells)
+    assert set(result["summary"]["backends"]) == set(CPU_BACKENDS)
+    for name, target in bench_report.TARGETS.items():
+        assert result["summary"]["backends"][name]["target"] == target
+    assert result["gemm_peak_gflops"] > 0
+    skipped = {s["backend"]: s["reason"] for s in result["skipped"]}
+    assert "model.pt (C++ LibTorch)" in skipped and all(skipped.values())
+    if not torch.cuda.is_available():
+        assert "torch.nn.LSTM (cuda)" in skipped
+
+
+def test_quick_exports_times_and_writes_every_row(tmp_path: Path, capsys) -> None:
+    result = run_bench("--quick", "--out", str(tmp_path))
+    assert_every_row(result, QUICK_GRID["batch"], QUICK_GRID["steps"], QUICK_GRID["hidden"])
+    assert set(result["memory"]) == set(CPU_BACKENDS)
+    for name, memory in result["memory"].items():
+        assert memory.get("peak_rss_mb", 0) > 0, f"{name}: {memory}"
+    printed = capsys.readouterr().out
+    assert "median ratio" in printed and "model.scan.onnx" in printed
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "## Targets" in markdown and "## Peak memory" in markdown
+
+
+def test_bench_of_a_given_bundle(bundle: Path, tmp_path: Path) -> None:
+    result = run_bench(
+        str(bundle), "--batch", "3", "--steps", "5,9", "--repeat", "2", "--warmup", "1",
+        "--no-memory", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert_every_row(result, [3], [5, 9], [8])
+    assert result["memory"] == {}
+
+
+def test_bad_arguments_are_usage_errors(bundle: Path, tmp_path: Path, capsys) -> None:
+    assert main(["bench", "--backends", "model.onnx", "--out", str(tmp_path)]) == 2
+    assert main(["bench", str(bundle), "--hidden", "16", "--out", str(tmp_path)]) == 2
+    assert main(["bench", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "lstm-deploy bench: error:" in capsys.readouterr().err
+
+
+def test_help_is_the_module_docstring(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "Time every backend" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        # 2 * T * B * 4H * (I + H): one layer, one direction
+        (LSTMConfig(3, 5), 2 * 7 * 2 * 20 * (3 + 5)),
+        # layer 2 reads both directions of layer 1 (2H), each direction counted
+        (LSTMConfig(3, 5, num_layers=2, bidirectional=True),
+         2 * (2 * 7 * 2 * 20 * (3 + 5)) + 2 * (2 * 7 * 2 * 20 * (10 + 5))),
+        # with a projection: h is proj_size wide, plus the projection GEMM
+        (LSTMConfig(3, 5, proj_size=2), 2 * 7 * 2 * 20 * (3 + 2) + 2 * 7 * 2 * 5 * 2),
+    ],
+)  # fmt: skip
+def test_flop_count(config: LSTMConfig, expected: int) -> None:
+    assert lstm_flops(config, Cell(batch=2, steps=7, hidden=config.hidden_size)) == expected
+
+
+def test_summary_checks_each_target_and_the_latency_cell() -> None:
+    def row(backend: str, ms: float, batch: int = 1) -> dict:
+        return {"batch": batch, "steps": 128, "hidden": 256, "backend": backend,
+                "median_ms": ms, "ratio": 10.0 / ms}  # fmt: skip
+
+    rows = [row(REFERENCE, 10.0), row("model.pt", 20.0), row("model.onnx", 5.0)]
+    rows += [row(REFERENCE, 10.0, batch=2), row("model.pt", 10.0, batch=2)]
+    summary = bench_report.summary(rows)
+    assert summary["backends"]["model.pt"]["median_ratio"] == pytest.approx(0.75)
+    assert summary["backends"]["model.pt"]["met"] is True  # 0.75 >= 0.6
+    assert summary["backends"]["model.onnx"]["met"] is True
+    latency = summary["latency"]["backends"]
+    assert latency["model.pt"]["latency_ratio"] == 2.0 and latency["model.pt"]["met"] is False
+    assert latency["model.onnx"]["met"] is True
