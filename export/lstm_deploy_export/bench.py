@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from lstm_deploy_export import bench_report
+from lstm_deploy_export.cli import int_list
 
 DEFAULT_GRID = {"batch": [1, 16, 64], "steps": [16, 128, 512], "hidden": [128, 256, 512]}
 QUICK_GRID = {"batch": [1, 8], "steps": [8, 32], "hidden": [32]}
@@ -92,9 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a bundle directory (default: export a temporary one per hidden size)",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a small grid for CI (seconds)")
-    parser.add_argument("--batch", type=_ints, help="comma-separated batch sizes")
-    parser.add_argument("--steps", type=_ints, help="comma-separated sequence lengths T")
-    parser.add_argument("--hidden", type=_ints, help="hidden sizes (without BUNDLE)")
+    parser.add_argument("--batch", type=int_list(1), help="comma-separated batch sizes")
+    parser.add_argument("--steps", type=int_list(1), help="comma-separated sequence lengths T")
+    parser.add_argument("--hidden", type=int_list(1), help="hidden sizes (without BUNDLE)")
     parser.add_argument("--input-size", type=int, default=64, help="without BUNDLE (default 64)")
     parser.add_argument("--num-layers", type=int, default=1, help="without BUNDLE (default 1)")
     parser.add_argument(
@@ -121,18 +122,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS children")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,6 +19,23 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
+def int_list(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse type: one or more comma-separated integers, each >= `minimum`."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}"
+            ) from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
 def _lazy(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         handler: Callable[[argparse.Namespace], int] = getattr(

@@ -45,6 +45,7 @@ from lstm_deploy_export._sweep import (
     padding_mask,
     sweep,
 )
+from lstm_deploy_export.cli import int_list
 from lstm_deploy_export.report import (
     FAILED,
     ORACLE,
@@ -465,18 +466,6 @@ def _write(report: Report, bundle: Any, directory: Path) -> None:
 # --- command line ---------------------------------------------------------------------------
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("expected at least one seed")
-    return seeds
-
-
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -527,7 +516,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {defaults.f32_factor:g}; 0 for a fixed tolerance)",
     )
     parser.add_argument(
-        "--seeds", type=_seeds, help="comma-separated seeds (default: 0 with --quick, else 0,1,2)"
+        "--seeds",
+        type=int_list(0),
+        help="comma-separated seeds (default: 0 with --quick, else 0,1,2)",
     )
     parser.add_argument(
         "--report",
