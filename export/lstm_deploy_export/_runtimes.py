@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from lstm_deploy import LSTM
 from lstm_deploy_export.bundle import WEIGHTS, Bundle
 from lstm_deploy_export.graphs import DeployLSTM
+from lstm_deploy_export.ort_session import session_options
 
 if TYPE_CHECKING:
     from lstm_deploy_export.cpp import CppPrograms
@@ -182,10 +183,8 @@ def _torchscript(path: Path, device: str, tf32: bool) -> RunFn:
 
 
 def _onnxruntime(path: Path, provider: str, tf32: bool) -> RunFn:
-    options = ort.SessionOptions()
+    options = session_options(threads=1)  # see validate(): one thread, no spinning between runs
     options.log_severity_level = 3  # errors only: node placement notes are not findings
-    options.intra_op_num_threads = 1  # see validate(): one thread, no spinning between runs
-    options.inter_op_num_threads = 1
     if provider == "CUDAExecutionProvider":
         # use_tf32 defaults to 1 in the CUDA provider: the parity run switches it off.
         providers: list[Any] = [

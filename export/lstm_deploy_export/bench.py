@@ -353,15 +353,15 @@ def _output(result: Any) -> np.ndarray:
 
 def unavailable() -> dict[str, str]:
     """{backend: why it cannot run here} for the CUDA and C++ rows."""
-    import onnxruntime as ort
-    import torch
+    from lstm_deploy_export._runtimes import cuda_unavailable, ort_cuda_unavailable
 
     reasons = {}
-    if not torch.cuda.is_available():
-        reason = f"torch {torch.__version__} sees no CUDA device"
-        reasons.update(dict.fromkeys(CUDA_BACKENDS[:2], reason))
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        reasons[CUDA_BACKENDS[2]] = f"onnxruntime {ort.__version__} has no CUDAExecutionProvider"
+    torch_reason = cuda_unavailable()
+    if torch_reason is not None:
+        reasons.update(dict.fromkeys(CUDA_BACKENDS[:2], torch_reason))
+    ort_reason = ort_cuda_unavailable()
+    if ort_reason is not None:
+        reasons[CUDA_BACKENDS[2]] = ort_reason
     reasons[CPP_BACKENDS[0]] = (
         "the C++ programs of export/cpp have no timing mode (one forward per process, inputs "
         "through .npy files: process start and file I/O would dominate)"

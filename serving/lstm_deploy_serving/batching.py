@@ -25,12 +25,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import BadRequest
+
 BATCH_AXIS = 0
 TIME_AXIS = 1
 SEQUENCE_INPUTS = ("input",)  # tensors with a time axis: padded on merge
 SEQUENCE_OUTPUTS = ("output",)  # cut back to each request's steps on split
 
 Tensors = Mapping[str, np.ndarray]
+
+
+def check_lengths(tensors: Tensors) -> None:
+    """BadRequest unless ``input`` has time steps and every given length is within them."""
+    steps = tensors["input"].shape[TIME_AXIS]
+    if steps < 1:
+        raise BadRequest("input 'input' has 0 time steps: a sequence needs at least 1")
+    lengths = tensors.get("lengths")
+    if lengths is not None and lengths.size and (lengths.min() < 1 or lengths.max() > steps):
+        raise BadRequest(
+            f"lengths must be in [1, {steps}] (the input's time steps); "
+            f"got values from {lengths.min()} to {lengths.max()}"
+        )
 
 
 @dataclass(frozen=True)

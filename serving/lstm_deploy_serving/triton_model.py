@@ -30,7 +30,7 @@ import triton_python_backend_utils as pb_utils
 # exported with, whatever else the stub's Python has installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lstm_deploy_serving.batching import fill_defaults, pad_and_merge, split
+from lstm_deploy_serving.batching import check_lengths, fill_defaults, pad_and_merge, split
 from lstm_deploy_serving.errors import BadRequest, ServingError
 from lstm_deploy_serving.sequences import SequenceStore
 
@@ -131,15 +131,8 @@ class TritonPythonModel:
                 tensors[name] = tensor.as_numpy()
         if "lengths" in tensors:  # [batch, 1] on the wire; [batch] with the config's reshape
             tensors["lengths"] = tensors["lengths"].reshape(-1)
-        batch, steps = tensors["input"].shape[:2]
-        if steps < 1:
-            raise BadRequest("input 'input' has 0 time steps: a sequence needs at least 1")
-        lengths = tensors.get("lengths")
-        if lengths is not None and (lengths.min() < 1 or lengths.max() > steps):
-            raise BadRequest(
-                f"lengths must be in [1, {steps}] (the input's time steps); "
-                f"got values from {lengths.min()} to {lengths.max()}"
-            )
+        check_lengths(tensors)
+        batch = tensors["input"].shape[0]
         if self.sequences is None:
             return tensors, None
         control = {

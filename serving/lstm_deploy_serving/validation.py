@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .batching import check_lengths
 from .bundle import ModelSpec, TensorSpec
 from .errors import BadRequest
 from .protocol import InputTensor
@@ -83,18 +84,11 @@ def check_inputs(
             raise BadRequest(
                 f"input '{name}' has batch size {value.shape[0]}, but 'input' has {batch}"
             )
-    if steps < 1:
-        raise BadRequest("input 'input' has 0 time steps: a sequence needs at least 1")
+    check_lengths(tensors)
     if steps > max_steps:
         raise BadRequest(
             f"input 'input' has {steps} time steps, above this server's maximum of {max_steps} "
             "(--max-sequence-length)"
-        )
-    lengths = tensors.get("lengths")
-    if lengths is not None and (lengths.min() < 1 or lengths.max() > steps):
-        raise BadRequest(
-            f"lengths must be in [1, {steps}] (the input's time steps); "
-            f"got values from {lengths.min()} to {lengths.max()}"
         )
     for name, value in tensors.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
