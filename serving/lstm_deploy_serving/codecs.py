@@ -83,10 +83,6 @@ def decode_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np
     return values.astype(dtype, copy=False).reshape(shape)
 
 
-def byte_size(datatype: str, shape: Sequence[int]) -> int:
-    return dtype_of(datatype).itemsize * math.prod(shape)
-
-
 def decode_bytes(
     name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview
 ) -> np.ndarray:
