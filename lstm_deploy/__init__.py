@@ -1,16 +1,42 @@
-"""lstm_deploy: a from-scratch, TorchScript-scriptable LSTM with torch.nn.LSTM's interface."""
+"""lstm_deploy: a from-scratch, TorchScript-scriptable LSTM with torch.nn.LSTM's interface.
 
-from lstm_deploy.model import LSTM, LSTMConfig, lstm_cell, lstm_layer
-from lstm_deploy.seed import from_seed_tensors, last_valid_output, seed_init_
-from lstm_deploy.weights import (
-    WeightsError,
-    config_from_state_dict,
-    load_checkpoint,
-    load_safetensors,
-    save_safetensors,
-)
+The torch parts load on first use (PEP 562), so that the torch-free modules (`lstm_deploy.bundle`,
+`lstm_deploy.config`, `lstm_deploy.versions`, `lstm_deploy.cli_common`) import without PyTorch:
+a serving image reads bundles through them.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lstm_deploy.config import LSTMConfig
+from lstm_deploy.versions import __version__
+
+if TYPE_CHECKING:
+    from lstm_deploy.model import LSTM, lstm_cell, lstm_layer
+    from lstm_deploy.seed import from_seed_tensors, last_valid_output, seed_init_
+    from lstm_deploy.weights import (
+        WeightsError,
+        config_from_state_dict,
+        load_checkpoint,
+        load_safetensors,
+        save_safetensors,
+    )
+
+_LAZY = {
+    "LSTM": "lstm_deploy.model",
+    "lstm_cell": "lstm_deploy.model",
+    "lstm_layer": "lstm_deploy.model",
+    "from_seed_tensors": "lstm_deploy.seed",
+    "last_valid_output": "lstm_deploy.seed",
+    "seed_init_": "lstm_deploy.seed",
+    "WeightsError": "lstm_deploy.weights",
+    "config_from_state_dict": "lstm_deploy.weights",
+    "load_checkpoint": "lstm_deploy.weights",
+    "load_safetensors": "lstm_deploy.weights",
+    "save_safetensors": "lstm_deploy.weights",
+}
 
 __all__ = [
     "LSTM",
@@ -27,3 +53,15 @@ __all__ = [
     "save_safetensors",
     "seed_init_",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once: later lookups do not come back here
+        return value
+    raise AttributeError(f"module 'lstm_deploy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

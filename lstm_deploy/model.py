@@ -7,54 +7,28 @@ module are TorchScript-scriptable (proven by tests/test_model_script.py).
 Speed (README "Performance", measured with `lstm-deploy bench`): the input projection of all steps
 is one GEMM; a layer's time loop runs the cell as few ops as it can, in one of two forms: the
 differentiable one (`_recurrence`), and, when nothing needs a gradient, the same cell written into
-buffers made once (`_recurrence_no_grad`); padding costs nothing per step (see `lstm_layer`).
+buffers made once (`recurrence_no_grad`, in `lstm_deploy._fast`); padding costs nothing per step
+(see `lstm_layer`). The argument and input checks are nn.LSTM's, in `lstm_deploy._checks`.
 """
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, List, Optional, Tuple  # TorchScript resolves typing's generics
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_WEIGHT_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+from lstm_deploy._checks import (
+    check_config,
+    check_input,
+    check_lengths,
+    check_state,
+    check_unbatched_state,
+)
+from lstm_deploy._fast import recurrence_no_grad
+from lstm_deploy.config import LSTMConfig
 
-
-@dataclass(frozen=True)
-class LSTMConfig:
-    """The constructor arguments of an LSTM (and of torch.nn.LSTM), as plain data."""
-
-    input_size: int
-    hidden_size: int
-    num_layers: int = 1
-    bias: bool = True
-    batch_first: bool = False
-    dropout: float = 0.0
-    bidirectional: bool = False
-    proj_size: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LSTMConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown LSTM config keys {unknown}; expected a subset of {sorted(known)}"
-            )
-        return cls(**d)
-
-    @property
-    def num_directions(self) -> int:
-        return 2 if self.bidirectional else 1
-
-    @property
-    def real_hidden_size(self) -> int:
-        """H_out: the size of h (proj_size when projecting, else hidden_size)."""
-        return self.proj_size if self.proj_size > 0 else self.hidden_size
+__all__ = ["LSTM", "LSTMConfig", "lstm_cell", "lstm_layer"]
 
 
 def lstm_cell(
@@ -127,7 +101,7 @@ def lstm_layer(
     if _needs_grad([xw, h, c, w_hh_t, w_hr_t]):
         output, h, c = _recurrence(xw, h, c, w_hh_t, w_hr_t, reverse, cells)
     else:
-        output, h, c = _recurrence_no_grad(xw, h, c, w_hh_t, w_hr_t, reverse, cells)
+        output, h, c = recurrence_no_grad(xw, h, c, w_hh_t, w_hr_t, reverse, cells)
     if lengths is None or cells is None:
         return output, h, c
     last = (lengths - 1).view(1, -1, 1)  # (1, B, 1)
@@ -178,7 +152,7 @@ def _recurrence(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The time loop over a precomputed input projection xw (T, B, 4H); fills `cells` if given.
 
-    Differentiable: every step makes new tensors. `_recurrence_no_grad` is the fast path.
+    Differentiable: every step makes new tensors. `recurrence_no_grad` is the fast path.
     """
     steps = xw.size(0)
     output = xw.new_empty(steps, xw.size(1), h.size(1))  # (T, B, H_out), every step written
@@ -189,107 +163,6 @@ def _recurrence(
         if cells is not None:
             cells[t] = c
     return output, h, c
-
-
-def _recurrence_no_grad(
-    xw: Tensor,
-    h: Tensor,
-    c: Tensor,
-    w_hh_t: Tensor,
-    w_hr_t: Optional[Tensor],
-    reverse: bool,
-    cells: Optional[Tensor],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """`_recurrence` for when nothing needs a gradient: the same cell with `out=` and in-place ops.
-
-    Every step writes into buffers made once (gates and their four block views, tanh(g), tanh(c),
-    two cell states) and h straight into its row of `output`, which is the next step's h: 9 ops
-    per step instead of 13 and no allocation (per-op overhead is most of a step at batch 1).
-    Wide steps (see `_is_wide`) take `_step_wide`.
-    """
-    steps, batch, hidden = xw.size(0), xw.size(1), c.size(1)
-    output = xw.new_empty(steps, batch, h.size(1))  # (T, B, H_out)
-    gates = xw.new_empty(batch, 4 * hidden)  # pre-activations, then activations in place
-    i, f, g, o = gates.chunk(4, 1)  # (B, H) views
-    blocks = (i, f, g, o)
-    g_act = xw.new_empty(batch, hidden)  # tanh(g)
-    tanh_c = xw.new_empty(batch, hidden)
-    h_full = xw.new_empty(batch, hidden)  # o * tanh(c), when projected
-    wide = _is_wide(c)
-    c_prev = c * 2.0 if wide else c.clone()  # the wide step carries 2c (see `_step_wide`)
-    c_next = torch.empty_like(c_prev)
-    for s in range(steps):
-        t = steps - 1 - s if reverse else s
-        if cells is not None:
-            c_next = cells[t]
-        row = output[t]
-        h_next = row if w_hr_t is None else h_full
-        torch.addmm(xw[t], h, w_hh_t, out=gates)  # (B, 4H)
-        if wide:
-            _step_wide(gates, blocks, c_prev, c_next, tanh_c, h_next)
-        else:
-            _step(gates, blocks, c_prev, c_next, g_act, tanh_c, h_next)
-        if w_hr_t is not None:
-            torch.mm(h_full, w_hr_t, out=row)  # (B, proj_size)
-        h = row
-        c_prev, c_next = c_next, c_prev
-    if wide:
-        c_prev = c_prev * 0.5
-        if cells is not None:
-            cells.mul_(0.5)
-    return output, h, c_prev
-
-
-def _step(
-    gates: Tensor,
-    blocks: Tuple[Tensor, Tensor, Tensor, Tensor],
-    c: Tensor,
-    c_next: Tensor,
-    g_act: Tensor,
-    tanh_c: Tensor,
-    h_next: Tensor,
-) -> None:
-    """`_cell`'s pointwise part in place: gates (B, 4H) -> c_next and h_next = o * tanh(c_next)."""
-    i, f, g, o = blocks  # views of gates
-    torch.tanh(g, out=g_act)  # before sigmoid_ overwrites g
-    gates.sigmoid_()  # i, f, o (and g's quarter, unused: one kernel instead of three)
-    torch.mul(f, c, out=c_next)
-    c_next.addcmul_(i, g_act)  # f * c + i * g
-    torch.tanh(c_next, out=tanh_c)
-    torch.mul(o, tanh_c, out=h_next)  # o * tanh(c)
-
-
-def _step_wide(
-    gates: Tensor,
-    blocks: Tuple[Tensor, Tensor, Tensor, Tensor],
-    c2: Tensor,
-    c2_next: Tensor,
-    s_c: Tensor,
-    h_next: Tensor,
-) -> None:
-    """`_step` with tanh(x) = 2 sigmoid(2x) - 1, which is cheaper than tanh (see `_is_wide`).
-
-    The cell state is carried doubled, c2 = 2c (exact in binary floating point), so that
-    tanh(c) = 2 sigmoid(c2) - 1 needs no scaling: 2c' = f * 2c - 2i + 4i * sigmoid(2g).
-    """
-    i, f, s_g, o = blocks  # views of gates
-    s_g.mul_(2.0)
-    gates.sigmoid_()  # i, f, sigmoid(2g), o
-    torch.mul(f, c2, out=c2_next)
-    c2_next.sub_(i, alpha=2.0).addcmul_(i, s_g, value=4.0)  # f 2c + 2i (2 sigmoid(2g) - 1)
-    torch.sigmoid(c2_next, out=s_c)
-    torch.mul(o, s_c.mul_(2.0).sub_(1.0), out=h_next)  # o * tanh(c)
-
-
-def _is_wide(c: Tensor) -> bool:
-    """Whether a step is wide enough (batch * hidden_size elements) for `_step_wide`.
-
-    torch.tanh on the CPU runs MKL VML's high-accuracy vsTanh, about 5x a sigmoid per element
-    (measured; the profile shows mkl_vml_kernel_sTanh_EXHA), so from this size the wide step's
-    three extra cheap ops cost less than two tanh kernels (6-7% faster a step at batch 16-64);
-    below it, per-op overhead dominates and the fewest ops win.
-    """
-    return c.size(0) * c.size(1) >= 2048
 
 
 class LSTM(nn.Module):
@@ -347,7 +220,7 @@ class LSTM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_config(input_size, hidden_size, num_layers, dropout, proj_size)
+        check_config(input_size, hidden_size, num_layers, dropout, proj_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -481,7 +354,7 @@ class LSTM(nn.Module):
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         d = 2 if self.bidirectional else 1
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
-        _check_input(input, self.input_size, self._w_ih[0])
+        check_input(input, self.input_size, self._w_ih[0])
         is_batched = input.dim() == 3
         x = input if is_batched else input.unsqueeze(1)  # (T, B, I) or (B, T, I)
         if self.batch_first and is_batched:
@@ -494,13 +367,13 @@ class LSTM(nn.Module):
         else:
             h0, c0 = hx
             if not is_batched:
-                _check_unbatched_state(h0, c0)
+                check_unbatched_state(h0, c0)
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            _check_state(h0, "h_0", (self.num_layers * d, batch, h_out), x)
-            _check_state(c0, "c_0", (self.num_layers * d, batch, self.hidden_size), x)
+            check_state(h0, "h_0", (self.num_layers * d, batch, h_out), x)
+            check_state(c0, "c_0", (self.num_layers * d, batch, self.hidden_size), x)
 
         padded: Optional[Tensor] = None  # lengths, unless every sequence is full length
-        if lengths is not None and _check_lengths(lengths, batch, steps) < steps:
+        if lengths is not None and check_lengths(lengths, batch, steps) < steps:
             padded = lengths.to(x.device)
 
         h_n: List[Tensor] = []
@@ -534,96 +407,3 @@ class LSTM(nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (hn, cn)
-
-
-def _check_config(
-    input_size: int, hidden_size: int, num_layers: int, dropout: float, proj_size: int
-) -> None:
-    # The same checks and messages as torch.nn.RNNBase.
-    if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
-        raise ValueError(
-            "dropout should be a number in range [0, 1] representing the probability of an "
-            f"element being zeroed, got {dropout!r}"
-        )
-    for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-        if value <= 0:
-            raise ValueError(f"{name} must be greater than zero, got {value}")
-    if not isinstance(num_layers, int) or num_layers <= 0:
-        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-    if not isinstance(proj_size, int) or proj_size < 0:
-        raise ValueError(
-            "proj_size should be a positive integer or zero to disable projections, "
-            f"got {proj_size!r}"
-        )
-    if proj_size >= hidden_size:
-        raise ValueError(
-            f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
-            f"and hidden_size={hidden_size}"
-        )
-
-
-def _check_input(input: Tensor, input_size: int, weight: Tensor) -> None:
-    if input.dim() not in (2, 3):
-        raise ValueError(
-            f"LSTM: expected input to be 2-D (L, H_in) or 3-D (L, N, H_in), got {input.dim()}-D "
-            f"with shape {list(input.shape)}"
-        )
-    if not input.is_floating_point():
-        raise TypeError(f"LSTM: expected a floating-point input, got dtype {input.dtype}")
-    if input.size(-1) != input_size:
-        raise RuntimeError(
-            f"LSTM: input.size(-1) must be equal to input_size. Expected {input_size}, "
-            f"got {input.size(-1)} (input shape {list(input.shape)})"
-        )
-    if input.dtype != weight.dtype:
-        raise TypeError(
-            f"LSTM: input dtype {input.dtype} does not match the parameters' dtype {weight.dtype}; "
-            "convert one of them (e.g. input.to(dtype) or model.to(dtype))"
-        )
-    if input.device != weight.device:
-        raise RuntimeError(
-            f"LSTM: input is on {input.device} but the parameters are on {weight.device}; "
-            "move one of them (input.to(device) or model.to(device))"
-        )
-
-
-def _check_unbatched_state(h0: Tensor, c0: Tensor) -> None:
-    if h0.dim() != 2 or c0.dim() != 2:
-        raise RuntimeError(
-            f"LSTM: for unbatched 2-D input, hx and cx should also be 2-D but got "
-            f"({h0.dim()}-D, {c0.dim()}-D) tensors"
-        )
-
-
-def _check_state(state: Tensor, name: str, expected: Tuple[int, int, int], x: Tensor) -> None:
-    if state.dim() != 3 or (state.size(0), state.size(1), state.size(2)) != expected:
-        raise RuntimeError(
-            f"LSTM: expected {name} of shape {list(expected)}, got {list(state.shape)}"
-        )
-    if state.dtype != x.dtype:
-        raise TypeError(f"LSTM: expected {name} of dtype {x.dtype}, got {state.dtype}")
-    if state.device != x.device:
-        raise RuntimeError(f"LSTM: expected {name} on {x.device}, got it on {state.device}")
-
-
-def _check_lengths(lengths: Tensor, batch: int, steps: int) -> int:
-    """Raises for bad lengths; returns the shortest (`steps` for an empty batch)."""
-    if lengths.dtype != torch.int64:
-        raise TypeError(f"LSTM: expected lengths of dtype torch.int64, got {lengths.dtype}")
-    if lengths.dim() != 1 or lengths.size(0) != batch:
-        raise RuntimeError(
-            f"LSTM: expected lengths of shape [{batch}] (one per sequence), "
-            f"got {list(lengths.shape)}"
-        )
-    if batch > 0:
-        lo = int(lengths.min())
-        hi = int(lengths.max())
-        if lo < 1 or hi > steps:
-            raise ValueError(
-                f"LSTM: every length must be in [1, {steps}] (the sequence length), got values "
-                f"from {lo} to {hi}"
-            )
-        return lo
-    return steps

@@ -23,7 +23,7 @@ import sys
 
 import numpy, onnxruntime, pytriton  # noqa: F401  fails here, clearly, if the extra was not installed
 
-from lstm_deploy_export.triton_server import TritonEnvironment
+from lstm_deploy_export.tools.triton_env import TritonEnvironment
 
 env = TritonEnvironment.find(sys.executable)
 print(f"Triton venv ready: {env.python} (Python {env.version}, numpy {numpy.__version__}, "

@@ -26,7 +26,7 @@ NUM_LAYERS = 2
 def export_onnx_bundle(out: Path) -> Path:
     """The serving tests' bundle: model.onnx of a small 2-layer LSTM (see tests/conftest.py)."""
     import torch
-    from lstm_deploy_export.bundle import export_bundle
+    from lstm_deploy_export.export.writer import export_bundle
 
     import lstm_deploy
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lstm_deploy_export import bench_report
-from lstm_deploy_export.bench import CPU_BACKENDS, QUICK_GRID, REFERENCE, Cell, lstm_flops
-from lstm_deploy_export.bundle import export_bundle
+from lstm_deploy_export.bench import report as bench_report
+from lstm_deploy_export.bench.run import CPU_BACKENDS, QUICK_GRID, REFERENCE
 from lstm_deploy_export.cli import main
+from lstm_deploy_export.export.writer import export_bundle
 
 from lstm_deploy import LSTM, LSTMConfig
 
@@ -98,7 +98,7 @@ def test_help_is_the_module_docstring(capsys) -> None:
     ],
 )  # fmt: skip
 def test_flop_count(config: LSTMConfig, expected: int) -> None:
-    assert lstm_flops(config, Cell(batch=2, steps=7, hidden=config.hidden_size)) == expected
+    assert config.gemm_flops(batch=2, steps=7) == expected
 
 
 def test_summary_checks_each_target_and_the_latency_cell() -> None:

@@ -12,12 +12,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from google.protobuf import text_format
-from lstm_deploy_export.bundle import BundleError, export_bundle, load_bundle
 from lstm_deploy_export.cli import main
+from lstm_deploy_export.export.writer import export_bundle, load_model
 from torch import nn
 from tritonclient.grpc import model_config_pb2
 
 from lstm_deploy import LSTM
+from lstm_deploy.bundle import BundleError, load_bundle
 
 TRITON_DTYPES = {"float32": model_config_pb2.TYPE_FP32, "int64": model_config_pb2.TYPE_INT64}
 
@@ -44,7 +45,7 @@ def test_manifest_lists_every_file_with_its_checksum(bundle_dir: Path) -> None:
     assert manifest["versions"]["onnxruntime"] == ort.__version__
     assert manifest["config"]["hidden_size"] == 8 and manifest["opset"] >= 18
     assert [t["name"] for t in manifest["signature"]["inputs"]] == ["input", "lengths", "h0", "c0"]
-    assert load_bundle(bundle_dir).load_model().config.bidirectional
+    assert load_model(load_bundle(bundle_dir)).config.bidirectional
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from lstm_deploy_export import cpp
-from lstm_deploy_export.bundle import export_bundle
-from lstm_deploy_export.cpp import ONNXRUNTIME, TORCHSCRIPT, CppError, CppPrograms
+from lstm_deploy_export.export.writer import export_bundle
+from lstm_deploy_export.tools import cpp
+from lstm_deploy_export.tools.cpp import ONNXRUNTIME, TORCHSCRIPT, CppError, CppPrograms
 
 from lstm_deploy import LSTM
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
-from lstm_deploy_export.bundle import load_bundle
-from lstm_deploy_export.demo import DEMO_MODEL, add_arguments, main
+from lstm_deploy_export.cli import main
+from lstm_deploy_export.cli.demo import DEMO_MODEL
+
+from lstm_deploy.bundle import load_bundle
 
 
 def run_demo(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return main(parser.parse_args([*argv, "--no-progress"]))
+    return main(["demo", *argv, "--no-progress"])
 
 
 def test_demo_exports_validates_and_says_where(

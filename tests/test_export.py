@@ -9,11 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from lstm_deploy_export.bundle import Bundle, export_bundle
-from lstm_deploy_export.exporters import OPSET, op_types
-from lstm_deploy_export.graphs import DeployLSTM, ExportError
+from lstm_deploy_export.export.exporters import OPSET, op_types
+from lstm_deploy_export.export.graphs import DeployLSTM, ExportError
+from lstm_deploy_export.export.writer import export_bundle
 
 from lstm_deploy import LSTM
+from lstm_deploy.bundle import Bundle
 
 # layers 1-2 x bidirectional x projection, hidden sizes from 8 to 64.
 EXPORT_CONFIGS = [

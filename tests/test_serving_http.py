@@ -176,11 +176,15 @@ def test_model_name_flag(onnx_bundle: Path, reference: Reference) -> None:
 
 
 def test_serving_never_imports_torch() -> None:
+    # Serving reads bundles through the torch-free contract (lstm_deploy.bundle), and nothing else
+    # of lstm_deploy: not the model, not the weights, not the export package.
     code = (
         "import sys\n"
         "import lstm_deploy_serving.server, lstm_deploy_serving.app, lstm_deploy_serving.cli\n"
         "import lstm_deploy_serving.loadtest, lstm_deploy_serving.__main__\n"
-        "bad = [m for m in ('torch', 'lstm_deploy', 'lstm_deploy_export') if m in sys.modules]\n"
+        "from lstm_deploy_serving.service import InferenceService\n"
+        "bad = [m for m in ('torch', 'lstm_deploy.model', 'lstm_deploy.weights', "
+        "'lstm_deploy_export') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import yaml
 from google.protobuf import text_format
-from lstm_deploy_export._triton_env import ENV_PYTHON, TritonSetupError, check_platform
-from lstm_deploy_export.triton_server import TritonServer, check_repository, infer
+from lstm_deploy_export.tools.triton_env import ENV_PYTHON, TritonSetupError, check_platform
+from lstm_deploy_export.tools.triton_server import TritonServer, check_repository, infer
 from serving_support import Reference, running_server
 from tritonclient.grpc import model_config_pb2
 
@@ -59,7 +59,7 @@ def _triton_python() -> Path:
 def full_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every artifact Triton can serve (onnxruntime, libtorch, python), bidirectional."""
     import torch
-    from lstm_deploy_export.bundle import export_bundle
+    from lstm_deploy_export.export.writer import export_bundle
 
     import lstm_deploy
 
@@ -409,8 +409,8 @@ def test_cli_serves_until_sigterm(onnx_bundle: Path, triton_python: Path) -> Non
 def test_validate_triton_row_runs_the_sweep_through_triton(
     onnx_bundle: Path, triton_python: Path
 ) -> None:
-    from lstm_deploy_export.report import PASSED
-    from lstm_deploy_export.validate import validate
+    from lstm_deploy_export.check.report import PASSED
+    from lstm_deploy_export.check.validate import validate
 
     report = validate(
         onnx_bundle, quick=True, triton=True, triton_python=str(triton_python), write=False

@@ -6,7 +6,6 @@ once; the tests that break an artifact work on a copy. Each validate run uses th
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -16,21 +15,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from lstm_deploy_export.bundle import MANIFEST, export_bundle, load_bundle, sha256
-from lstm_deploy_export.graphs import DeployLSTM
-from lstm_deploy_export.report import REL_FLOOR, Tolerance
-from lstm_deploy_export.validate import (
-    TOLERANCES,
-    Case,
-    add_arguments,
-    compare,
-    main,
-    make_inputs,
-    validate,
-)
+from lstm_deploy_export.check.compare import REL_FLOOR, TOLERANCES, Tolerance, compare
+from lstm_deploy_export.check.sweep import Case, make_inputs
+from lstm_deploy_export.check.validate import validate
+from lstm_deploy_export.cli import main
+from lstm_deploy_export.export.graphs import DeployLSTM
+from lstm_deploy_export.export.writer import export_bundle, load_model
 from onnx import numpy_helper
 
 from lstm_deploy import LSTM
+from lstm_deploy.bundle import MANIFEST, load_bundle, sha256
 
 INPUT_SIZE, HIDDEN_SIZE, NUM_LAYERS = 5, 8, 2
 CPU_ROWS = [
@@ -64,9 +58,7 @@ def bundle_copy(exported: Path, tmp_path: Path) -> Path:
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return main(parser.parse_args([*argv, "--no-progress"]))
+    return main(["validate", *argv, "--no-progress"])
 
 
 def statuses(report_json: dict) -> dict[tuple[str, str], dict]:
@@ -131,7 +123,7 @@ def test_report_numbers_come_from_the_runs(quick_run: tuple[int, Path], exported
 
     session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
     actual = dict(zip(["output", "hn", "cn"], session.run(None, inputs)))
-    oracle_module = DeployLSTM(load_bundle(exported).load_model().double()).eval()
+    oracle_module = DeployLSTM(load_model(load_bundle(exported)).double()).eval()
     with torch.no_grad():
         tensors = [torch.from_numpy(inputs[k]) for k in ("input", "lengths", "h0", "c0")]
         oracle = oracle_module(
@@ -262,6 +254,8 @@ def test_usage_errors_exit_2(
     tmp_path: Path, bundle_copy: Path, capsys: pytest.CaptureFixture
 ) -> None:
     assert run_cli(str(tmp_path / "missing")) == 2
+    assert "bundle not found" in capsys.readouterr().err
+    assert run_cli(str(tmp_path)) == 2
     assert "no manifest.json" in capsys.readouterr().err
     (bundle_copy / "model.pt").write_bytes(b"tampered")
     assert run_cli(str(bundle_copy)) == 2
@@ -339,17 +333,17 @@ def test_cuda_rows_pass(exported: Path, tmp_path: Path) -> None:
 
 
 def test_tf32_switch_restores_the_flags() -> None:
-    from lstm_deploy_export._runtimes import _torch_tf32
+    from lstm_deploy_export.check.runtimes import torch_tf32
 
     before = (
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
         torch.get_float32_matmul_precision(),
     )
-    with _torch_tf32(False):
+    with torch_tf32(False):
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.get_float32_matmul_precision() == "highest"
-    with _torch_tf32(True):
+    with torch_tf32(True):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     after = (
         torch.backends.cuda.matmul.allow_tf32,

@@ -1,5 +1,10 @@
 """lstm_deploy_export: TorchScript and ONNX artifacts of lstm_deploy.LSTM, in a verifiable bundle.
 
+Subpackages by job: `export` (graphs, exporters, the bundle writer, the Triton repository),
+`check` (validate: the runtime registry, the sweep, comparison, the report), `bench`, `tools`
+(C++ build, Triton server), `cli` (the `lstm-deploy` command). The bundle format itself is
+`lstm_deploy.bundle`'s.
+
 Attributes load lazily so that the `lstm-deploy` CLI starts without importing torch or onnx.
 """
 
@@ -8,14 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Bundle", "BundleError", "export_bundle", "load_bundle", "signature"]
+__all__ = ["Bundle", "BundleError", "export_bundle", "load_bundle", "validate"]
 
 _LAZY = {
-    "Bundle": "lstm_deploy_export.bundle",
-    "BundleError": "lstm_deploy_export.bundle",
-    "export_bundle": "lstm_deploy_export.bundle",
-    "load_bundle": "lstm_deploy_export.bundle",
-    "signature": "lstm_deploy_export.signature",
+    "Bundle": "lstm_deploy.bundle",
+    "BundleError": "lstm_deploy.bundle",
+    "load_bundle": "lstm_deploy.bundle",
+    "export_bundle": "lstm_deploy_export.export.writer",
+    "validate": "lstm_deploy_export.check.validate",
 }
 
 

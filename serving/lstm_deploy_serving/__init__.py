@@ -7,12 +7,7 @@ The batching core and the sequence-state store are plain numpy, usable without t
 (e.g. in a Triton python-backend ``model.py``): see ``batching`` and ``sequences``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("lstm-deploy")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
+from lstm_deploy.versions import __version__
 
 # numpy only below: the Triton python-backend model.py imports this package from a copy of
 # its numpy-only modules (batching, errors, sequences), without uvicorn or onnxruntime.

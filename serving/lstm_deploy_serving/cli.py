@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL_NAME, ServeOptions
+from lstm_deploy.cli_common import EXIT_USAGE, int_at_least, int_list, number
 
-EXIT_USAGE = 2
+from .config import DEFAULT_MODEL_NAME, ServeOptions
 
 SERVE_HELP = """\
 Serve a bundle's model.onnx over HTTP with the KServe v2 / Open Inference Protocol, as Triton
@@ -48,37 +48,9 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
+_positive_int = int_at_least(1)
+_non_negative_int = int_at_least(0)
+_positive_float = number(positive=True)
 
 
 def _add_serve(subparsers: Any) -> None:
@@ -199,7 +171,7 @@ def _add_loadtest(subparsers: Any) -> None:
     )
     p.add_argument(
         "--concurrency",
-        type=_int_list,
+        type=int_list(1),
         default=[1, 8, 32],
         help="comma-separated numbers of requests in flight (default: 1,8,32)",
     )
@@ -250,7 +222,8 @@ def _fail(message: str) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .bundle import BundleError
+    from lstm_deploy.bundle import BundleError
+
     from .server import serve
 
     options = ServeOptions(

@@ -37,9 +37,6 @@ DTYPE_TO_DATATYPE: dict[np.dtype, str] = {v: k for k, v in DATATYPE_TO_DTYPE.ite
 # integers for integers, booleans for BOOL. A string such as "1.0" is an error, not a number.
 _JSON_KINDS: dict[str, str] = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
-# The Triton model-config spelling of a datatype: "TYPE_" + the wire datatype.
-CONFIG_PREFIX = "TYPE_"
-
 
 def dtype_of(datatype: str) -> np.dtype:
     """The numpy dtype of wire ``datatype`` ("FP32" -> float32); BadRequest if unknown."""

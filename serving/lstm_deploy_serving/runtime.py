@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
+from lstm_deploy.bundle import BundleError
+
+from .model_spec import ModelSpec
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -15,14 +18,16 @@ class OnnxModel:
     """One ONNX Runtime session over a bundle's ``model.onnx``.
 
     Args:
-        bundle: a loaded bundle (its model.onnx already verified against the manifest).
+        path: the bundle's model.onnx, already verified against the manifest.
+        spec: the manifest's signature, which the graph's inputs must match.
         providers: execution providers, in order of preference; CPU unless asked otherwise.
         intra_op_threads: threads per run (0: ONNX Runtime's choice, one per core).
     """
 
     def __init__(
         self,
-        bundle: Bundle,
+        path: Path,
+        spec: ModelSpec,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         intra_op_threads: int = 0,
     ) -> None:
@@ -32,16 +37,15 @@ class OnnxModel:
         options.intra_op_num_threads = intra_op_threads
         try:
             self.session = ort.InferenceSession(
-                str(bundle.model_path), sess_options=options, providers=list(providers)
+                str(path), sess_options=options, providers=list(providers)
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {e}") from None
+            raise BundleError(f"onnxruntime cannot load {path}: {e}") from None
         graph_inputs = {i.name for i in self.session.get_inputs()}
-        wanted = {t.name for t in bundle.spec.inputs}
+        wanted = {t.name for t in spec.inputs}
         if graph_inputs != wanted:
             raise BundleError(
-                f"{bundle.model_path} has inputs {sorted(graph_inputs)}, "
-                f"the manifest says {sorted(wanted)}"
+                f"{path} has inputs {sorted(graph_inputs)}, the manifest says {sorted(wanted)}"
             )
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 
 from .app import create_app
-from .config import ANNOUNCE, ServeOptions
+from .config import ANNOUNCE, MODEL_VERSION, ServeOptions
 from .service import InferenceService
 
 
@@ -65,7 +65,9 @@ def serve(options: ServeOptions, announce: Callable[[str], Any] = print) -> int:
     # leave it no-op handlers to find.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        announce(f"{ANNOUNCE} http://{host}:{port} (model '{service.name}', version 1)")
+        announce(
+            f"{ANNOUNCE} http://{host}:{port} (model '{service.name}', version {MODEL_VERSION})"
+        )
         sys.stdout.flush()
         server.run(sockets=[sock])
     finally:

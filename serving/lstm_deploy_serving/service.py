@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from lstm_deploy.bundle import C0, CN, H0, HN, INPUT, ONNX, BundleError
+from lstm_deploy.versions import __version__
+
+from . import codecs, model_spec
 from .batching import fill_defaults
-from .bundle import Bundle, BundleError, load_bundle
 from .config import MODEL_VERSION, ServeOptions
 from .errors import BadRequest, NotFound, ServingError, Unavailable
 from .metrics import Metrics
@@ -34,7 +36,7 @@ from .validation import check_inputs
 
 SERVER_NAME = "lstm-deploy-serving"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "sequence", "parameters"]
-STATE_INPUTS = ("h0", "c0")
+STATE_INPUTS = (H0, C0)
 
 
 def _sequence_parameters(params: dict[str, Any]) -> tuple[Hashable | None, bool, bool]:
@@ -67,11 +69,10 @@ class InferenceService:
     and ``stop`` run inside the server's event loop.
     """
 
-    def __init__(self, options: ServeOptions, bundle: Bundle | None = None) -> None:
+    def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.bundle = bundle if bundle is not None else load_bundle(options.bundle)
-        self.spec = self.bundle.spec
-        self.model = OnnxModel(self.bundle, intra_op_threads=options.threads)
+        self.bundle, self.spec = model_spec.load(options.bundle)
+        self.model = OnnxModel(self.bundle.file(ONNX), self.spec, intra_op_threads=options.threads)
         self.name = options.model_name
         self.max_batch_size = (
             options.max_batch_size
@@ -157,7 +158,10 @@ class InferenceService:
 
     def model_metadata(self) -> dict[str, Any]:
         def tensors(specs: Any) -> list[dict[str, Any]]:
-            return [{"name": t.name, "datatype": t.datatype, "shape": t.wire_shape} for t in specs]
+            return [
+                {"name": t.name, "datatype": codecs.datatype_of(t.dtype), "shape": t.wire_shape}
+                for t in specs
+            ]
 
         return {
             "name": self.name,
@@ -248,25 +252,25 @@ class InferenceService:
         end: bool,
         timeout: float | None,
     ) -> dict[str, np.ndarray]:
-        if tensors["input"].shape[0] != 1:
+        if tensors[INPUT].shape[0] != 1:
             raise BadRequest("a request of a sequence (sequence_id) must have batch size 1")
         given = [n for n in STATE_INPUTS if n in tensors]
         if given and (not start or len(given) != len(STATE_INPUTS)):
             raise BadRequest("h0 and c0 may be given only together, and only with sequence_start")
-        initial = (tensors["h0"], tensors["c0"]) if given else None
+        initial = (tensors[H0], tensors[C0]) if given else None
         store = self._sequences
         assert store is not None
         async with self._sequence_lock(seq_id):
             h0, c0 = store.acquire(seq_id, start, initial)
             try:
-                inputs = fill_defaults({**tensors, "h0": h0, "c0": c0}, self.state_shapes)
+                inputs = fill_defaults({**tensors, H0: h0, C0: c0}, self.state_shapes)
                 outputs = await self._run(inputs, timeout)
             except BaseException:
                 store.cancel(seq_id)
                 self._count_sequences()
                 raise
             # Copies: the outputs are views into the whole merged batch.
-            store.release(seq_id, (outputs["hn"].copy(), outputs["cn"].copy()), end=end)
+            store.release(seq_id, (outputs[HN].copy(), outputs[CN].copy()), end=end)
             self._count_sequences()
         return outputs
 

@@ -11,12 +11,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lstm_deploy.bundle import INPUT, TensorSpec
+
+from . import codecs
 from .batching import check_lengths
-from .bundle import ModelSpec, TensorSpec
 from .errors import BadRequest
+from .model_spec import ModelSpec
 from .protocol import InputTensor
 
-REQUIRED = ("input",)
+REQUIRED = (INPUT,)
 
 
 def _signature_form(t: InputTensor, spec: TensorSpec) -> InputTensor:
@@ -28,10 +31,11 @@ def _signature_form(t: InputTensor, spec: TensorSpec) -> InputTensor:
 
 
 def _check_tensor(t: InputTensor, spec: TensorSpec, model: str) -> None:
-    if t.datatype != spec.datatype:
+    expected = codecs.datatype_of(spec.dtype)
+    if t.datatype != expected:
         raise BadRequest(
             f"inference input '{t.name}' data-type is '{t.datatype}', "
-            f"but model '{model}' expects '{spec.datatype}'"
+            f"but model '{model}' expects '{expected}'"
         )
     fixed_ok = all(
         isinstance(want, str) or want == got for want, got in zip(spec.shape, t.shape, strict=False)
@@ -71,7 +75,7 @@ def check_inputs(
     for name in REQUIRED:
         if name not in tensors:
             raise BadRequest(f"expected input '{name}' for model '{model}', got none")
-    x = tensors["input"]
+    x = tensors[INPUT]
     batch, steps = x.shape[:2]
     if batch < 1:
         raise BadRequest("inference request batch-size must be at least 1")

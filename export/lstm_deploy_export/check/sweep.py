@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from lstm_deploy import LSTMConfig
+from lstm_deploy.bundle import C0, H0, INPUT, LENGTHS
+from lstm_deploy.config import LSTMConfig
 
 Arrays = dict[str, np.ndarray]
 
@@ -89,10 +89,10 @@ def make_inputs(case: Case, config: LSTMConfig) -> Arrays:
     else:
         h0, c0 = np.zeros(h_shape), np.zeros(c_shape)
     return {
-        "input": x.astype(np.float32),
-        "lengths": lengths.astype(np.int64),
-        "h0": h0.astype(np.float32),
-        "c0": c0.astype(np.float32),
+        INPUT: x.astype(np.float32),
+        LENGTHS: lengths.astype(np.int64),
+        H0: h0.astype(np.float32),
+        C0: c0.astype(np.float32),
     }
 
 

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lstm_deploy.bundle import KSERVE_DIR, MANIFEST, REPORTS, TRITON_DIR, BundleError
+from lstm_deploy.cli_common import EXIT_FAIL, EXIT_OK, UsageError
+
 DEFAULT_DIR = Path("demo-bundle")
 DEMO_MODEL: dict[str, Any] = {
     "input_size": 32,
@@ -47,31 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def _usage_error(message: str) -> int:
-    print(f"lstm-deploy demo: error: {message}", file=sys.stderr)
-    return 2
-
-
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """`lstm-deploy demo`: 0 all passed, 1 any failure, 2 usage error."""
     out: Path = args.dir
     if out.exists() and not out.is_dir():
-        return _usage_error(f"{out} exists and is not a directory; choose another DIR")
-    if (
-        out.is_dir()
-        and any(out.iterdir())
-        and not (out / "manifest.json").is_file()
-        and not args.force
-    ):
-        return _usage_error(
+        raise UsageError(f"{out} exists and is not a directory; choose another DIR")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file() and not args.force:
+        raise UsageError(
             f"{out} is not empty and holds no bundle; choose another DIR or pass --force"
         )
 
     import torch
 
-    from lstm_deploy import LSTM
-    from lstm_deploy_export.bundle import BundleError, export_bundle
-    from lstm_deploy_export.validate import validate
+    from lstm_deploy.model import LSTM
+    from lstm_deploy_export.check import render
+    from lstm_deploy_export.check.validate import validate
+    from lstm_deploy_export.export.writer import export_bundle
 
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
@@ -82,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
             model, out, force=True, progress=lambda line: print(f"  {line}", file=sys.stderr)
         )
     except (BundleError, OSError) as e:
-        return _usage_error(str(e))
+        raise UsageError(str(e)) from None
     print(f"validating {'(thorough sweep)' if args.thorough else '(quick sweep)'}", file=sys.stderr)
     try:
         report = validate(
@@ -92,18 +86,21 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
         )
     except OSError as e:
-        return _usage_error(f"cannot write the report: {e}")
+        raise UsageError(f"cannot write the report: {e}") from None
 
-    print(report.table())
+    print(render.table(report))
     print()
     print(f"the bundle: {bundle.path.resolve()}/")
     for name, entry in sorted(bundle.manifest["files"].items()):
         if "/" not in name:
             print(f"  {name:<22} {entry['size']:>10,} B")
-    print(f"  {'triton/':<22} a Triton model repository (onnxruntime, libtorch, python backends)")
-    print(f"  {'kserve/':<22} a KServe InferenceService for triton/")
-    print(f"  {'manifest.json':<22} versions, signature, sha256 of every file, parity summary")
-    print(f"  {'report.json, .md':<22} this parity report in full")
+    for name, what in (
+        (f"{TRITON_DIR}/", "a Triton model repository (onnxruntime, libtorch, python backends)"),
+        (f"{KSERVE_DIR}/", f"a KServe InferenceService for {TRITON_DIR}/"),
+        (MANIFEST, "versions, signature, sha256 of every file, parity summary"),
+        (", ".join(REPORTS), "this parity report in full"),
+    ):
+        print(f"  {name:<22} {what}")
     print()
     steps = [(f"lstm-deploy serve {out}", "a KServe v2 (Triton-compatible) HTTP server")]
     if not args.thorough:
@@ -113,4 +110,4 @@ def main(args: argparse.Namespace) -> int:
     print("next:")
     for command, what in steps:
         print(f"  {command:<{width}}{what}")
-    return 0 if report.passed else 1
+    return EXIT_OK if report.passed else EXIT_FAIL

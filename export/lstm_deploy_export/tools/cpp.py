@@ -13,7 +13,7 @@
 A program whose dependency is missing is not built: `CppPrograms.unavailable` says why. Building
 needs cmake and a C++17 compiler; the first build takes about a minute (LibTorch's headers).
 
-    python -m lstm_deploy_export.cpp [--build-dir DIR]    builds and prints the programs' paths
+    lstm-deploy cpp [--build-dir DIR]    builds them and prints their paths
 """
 
 from __future__ import annotations
@@ -30,27 +30,19 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from lstm_deploy_export.signature import signature
+from lstm_deploy.bundle import lstm_signature
+from lstm_deploy.config import LSTMConfig
+from lstm_deploy.versions import installed
 
 __all__ = ["PROGRAMS", "CppError", "CppPrograms", "build", "default_build_dir"]
 
 
-def _source_dir() -> Path:
-    # A checkout (or an editable install) has export/cpp beside the package; a wheel that
-    # force-includes export/cpp as lstm_deploy_export/cpp_src has it inside.
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "cpp_src", here.parent / "cpp"):
-        if (candidate / "CMakeLists.txt").is_file():
-            return candidate
-    return here.parent / "cpp"
-
-
-SOURCE_DIR = _source_dir()
+# A checkout (or an editable install) has export/cpp beside the package.
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "cpp"
 TORCHSCRIPT = "lstm_torchscript"
 ONNXRUNTIME = "lstm_onnxruntime"
 PROGRAMS = {TORCHSCRIPT: "C++ LibTorch", ONNXRUNTIME: "C++ ONNX Runtime"}  # program -> row label
@@ -64,7 +56,7 @@ CONFIGURE_TIMEOUT_S = 300
 BUILD_TIMEOUT_S = 1200
 
 # Names and dtypes of the signature do not depend on the model's sizes.
-_SIGNATURE = signature(input_size=1, hidden_size=1)
+_SIGNATURE = lstm_signature(LSTMConfig(input_size=1, hidden_size=1))
 _INPUT_DTYPES = {t.name: np.dtype(t.dtype) for t in _SIGNATURE.inputs}
 _OUTPUT_NAMES = _SIGNATURE.output_names
 
@@ -97,7 +89,7 @@ class CppPrograms:
         and on a busy machine a second thread mostly waits at barriers (seconds at T=300); None
         leaves LibTorch's default.
         """
-        return self._run(TORCHSCRIPT, model_pt, inputs, threads, timeout)
+        return self.run(TORCHSCRIPT, model_pt, inputs, threads=threads, timeout=timeout)
 
     def run_onnxruntime(
         self,
@@ -111,16 +103,18 @@ class CppPrograms:
 
         threads: as for `run_torchscript`.
         """
-        return self._run(ONNXRUNTIME, model_onnx, inputs, threads, timeout)
+        return self.run(ONNXRUNTIME, model_onnx, inputs, threads=threads, timeout=timeout)
 
-    def _run(
+    def run(
         self,
         program: str,
         model: Path,
         inputs: Mapping[str, np.ndarray],
-        threads: int | None,
-        timeout: float,
+        *,
+        threads: int | None = 1,
+        timeout: float = 600,
     ) -> dict[str, np.ndarray]:
+        """Run `program` (a key of `PROGRAMS`) on `model`; see `run_torchscript`."""
         if program not in self.paths:
             reason = self.unavailable.get(program, "not built")
             raise CppError(f"{program} is not available: {reason}")
@@ -228,13 +222,7 @@ def _build(root: Path, say: Callable[[str], None]) -> CppPrograms:
 
 
 def _versions() -> dict[str, str | None]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {name: version(name) for name in ("torch", "onnxruntime")}
+    return {name: installed(name) for name in ("torch", "onnxruntime")}
 
 
 def _package_dir(name: str) -> Path | None:
@@ -366,26 +354,3 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m lstm_deploy_export.cpp",
-        description="Build the C++ programs of export/cpp (LibTorch, ONNX Runtime) and print "
-        "their paths.",
-    )
-    parser.add_argument("--build-dir", type=Path, help=f"default: {default_build_dir()}")
-    args = parser.parse_args(argv)
-    programs = build(args.build_dir, progress=lambda line: print(line, file=sys.stderr))
-    for program in PROGRAMS:
-        if program in programs.paths:
-            print(f"{program}: {programs.paths[program]}")
-        else:
-            print(f"{program}: not built: {programs.unavailable[program]}")
-    return 1 if programs.unavailable else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

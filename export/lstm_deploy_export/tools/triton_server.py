@@ -1,35 +1,19 @@
-"""Serve a bundle's Triton repository on a real Triton Inference Server, on loopback.
+"""A real Triton Inference Server on a bundle's Triton repository, on loopback, and a client call.
 
-Starts the `tritonserver` that the nvidia-pytriton wheel bundles (the [triton] extra) on the
-bundle's triton/ repository, unchanged, in explicit model-control mode: it loads the
-python-backend models lstm_python (dynamic batching) and lstm_python_stateful (sequence
-batching), which run model.onnx with ONNX Runtime. That wheel has the python backend but no
-onnxruntime or libtorch backend: serve lstm_onnx and lstm_torchscript with NVIDIA's Triton
-container or KServe (README.md, "Scale out on Triton / KServe").
-
-The server's Python environment needs nvidia-pytriton (with numpy<2) and onnxruntime:
-  python3 -m venv .venv-triton && .venv-triton/bin/pip install -e '.[triton]'
-(scripts/setup_triton_venv.sh does this). The command runs Triton from the environment of
---python (default: $LSTM_DEPLOY_TRITON_PYTHON, else this Python), so another environment can
-start it. Linux with glibc >= 2.35 only (the wheel's platform).
-
-examples:
-  lstm-deploy triton ./bundle --port 8000        # HTTP 8000, gRPC 8001, metrics 8002
-  lstm-deploy triton ./bundle --python .venv-triton/bin/python
+`TritonServer` starts the `tritonserver` that the nvidia-pytriton wheel bundles (the [triton]
+extra) in explicit model-control mode, on an environment found by `triton_env`; `infer` sends one
+request with tritonclient, HTTP or gRPC. The `lstm-deploy triton` command (cli/triton.py) and
+validate's Triton row use them.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import hashlib
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -42,46 +26,30 @@ from typing import Any
 
 import numpy as np
 
-from lstm_deploy_export._triton_env import (
-    ENV_PYTHON,
-    TritonEnvironment,
-    TritonSetupError,
-)
+from lstm_deploy.bundle import LSTM_OUTPUTS, TRITON_DIR, Bundle, load_bundle
+from lstm_deploy_export.tools.triton_env import TritonEnvironment, TritonSetupError
 
 SERVED_MODELS = ("lstm_python", "lstm_python_stateful")
-OUTPUT_NAMES = ("output", "hn", "cn")
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 # -- the repository --------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def check_repository(bundle: Bundle | str | Path, models: Iterable[str] = SERVED_MODELS) -> Path:
+    """The bundle's triton/ directory, once every file of `models` matches the manifest.
 
-
-def check_repository(bundle: str | Path, models: Iterable[str] = SERVED_MODELS) -> Path:
-    """The bundle's triton/ directory, once every file of `models` matches the manifest."""
-    root = Path(bundle)
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise TritonSetupError(f"{root} is not a bundle (manifest.json: {e})") from None
-    files = manifest.get("files", {})
-    for model in models:
-        if model not in manifest.get("triton", {}):
-            raise TritonSetupError(
-                f"{root} has no Triton model {model}: re-export it with this lstm-deploy "
-                "(with the onnx artifact, which the python-backend models run)"
-            )
-        prefix = f"triton/{model}/"
-        for name, entry in files.items():
-            if name.startswith(prefix) and (
-                not (root / name).is_file() or _sha256(root / name) != entry["sha256"]
-            ):
-                raise TritonSetupError(f"{root / name} does not match the manifest's sha256")
-    return root / "triton"
+    Raises BundleError (through `load_bundle`) or TritonSetupError for a model not exported.
+    """
+    root = bundle.path if isinstance(bundle, Bundle) else Path(bundle)
+    manifest = load_bundle(root, only=()).manifest  # the schema; the files are checked below
+    missing = [m for m in models if m not in manifest.get("triton", {})]
+    if missing:
+        raise TritonSetupError(
+            f"{root} has no Triton model {', '.join(missing)}: re-export it with this "
+            "lstm-deploy (with the onnx artifact, which the python-backend models run)"
+        )
+    load_bundle(root, only=[f"{TRITON_DIR}/{m}/" for m in models])
+    return root / TRITON_DIR
 
 
 # -- the server process ----------------------------------------------------------------------
@@ -325,14 +293,15 @@ def infer(
     client: Any,
     model: str,
     inputs: Mapping[str, np.ndarray],
-    outputs: Sequence[str] = OUTPUT_NAMES,
+    outputs: Sequence[str] = LSTM_OUTPUTS,
     binary: bool = True,
     **kwargs: Any,
 ) -> dict[str, np.ndarray]:
     """One request with a `tritonclient.http` or `tritonclient.grpc` client.
 
     Args:
-        inputs: by signature name; any of `lengths`, `h0`, `c0` may be left out.
+        inputs: by signature name; any of `lengths`, `h0`, `c0` may be left out. A [batch]
+            tensor goes as [batch, 1]: Triton configs declare it as dims [1], reshaped away.
         binary: over HTTP, the binary tensor extension (else JSON) for inputs and outputs;
             gRPC is always binary.
         kwargs: for `client.infer`, e.g. `sequence_id`, `sequence_start`, `sequence_end`.
@@ -342,12 +311,12 @@ def infer(
         import tritonclient.grpc as api
     else:
         import tritonclient.http as api
+    from tritonclient.utils import np_to_triton_dtype
+
     wire = []
     for name, value in inputs.items():
-        # lengths goes as [batch, 1]: the Triton configs declare it as dims [1], reshaped away.
-        array = value.reshape(-1, 1) if name == "lengths" else value
-        array = np.ascontiguousarray(array)
-        tensor = api.InferInput(name, list(array.shape), "INT64" if name == "lengths" else "FP32")
+        array = np.ascontiguousarray(value.reshape(-1, 1) if value.ndim == 1 else value)
+        tensor = api.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         if grpc:
             tensor.set_data_from_numpy(array)
         else:
@@ -359,79 +328,3 @@ def infer(
         requested = [api.InferRequestedOutput(n, binary_data=binary) for n in outputs]
     result = client.infer(model, wire, outputs=requested, **kwargs)
     return {name: result.as_numpy(name) for name in outputs}
-
-
-# -- the command -----------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", type=Path, help="a bundle directory written by lstm-deploy")
-    parser.add_argument(
-        "--port", type=int, default=8000, help="HTTP port (default 8000; 0: a free one)"
-    )
-    parser.add_argument("--grpc-port", type=int, default=None, help="default: --port + 1")
-    parser.add_argument("--metrics-port", type=int, default=None, help="default: --port + 2")
-    parser.add_argument(
-        "--python",
-        type=Path,
-        default=None,
-        help=f"the Python of the [triton] environment (default: ${ENV_PYTHON}, else this one)",
-    )
-    parser.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        default=None,
-        help=f"a model to load (repeatable; default: {', '.join(SERVED_MODELS)})",
-    )
-    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose")
-    parser.add_argument(
-        "--log",
-        type=Path,
-        default=None,
-        help="keep Triton's log in this file (default: a temp file)",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    models = args.models or list(SERVED_MODELS)
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server as Ctrl-C does
-    try:
-        server = TritonServer(
-            check_repository(args.bundle, models),
-            models,
-            python=args.python,
-            http_port=args.port,
-            grpc_port=_next_port(args.port, args.grpc_port, 1),
-            metrics_port=_next_port(args.port, args.metrics_port, 2),
-            log_verbose=args.log_verbose,
-            log=args.log,
-        )
-        with server:
-            print(
-                f"Triton serving {', '.join(models)} from {server.repository}\n"
-                f"  HTTP    http://{server.http_url}\n"
-                f"  gRPC    {server.grpc_url}\n"
-                f"  metrics http://{server.metrics_url}/metrics\n"
-                f"  log     {server.log}",
-                flush=True,
-            )
-            code = server.wait()
-            print(f"tritonserver exited with {code}:\n{server.log_tail()}", file=sys.stderr)
-            return EXIT_FAIL
-    except TritonSetupError as e:
-        print(f"lstm-deploy triton: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("stopped Triton", file=sys.stderr)
-        return EXIT_OK
-
-
-def _next_port(http_port: int, port: int | None, offset: int) -> int:
-    if port is not None:
-        return port
-    return http_port + offset if http_port else 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt

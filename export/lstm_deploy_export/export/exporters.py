@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
-import lstm_deploy
 from lstm_deploy import LSTM
-from lstm_deploy_export.graphs import DeployLSTM, NativeOnnxLSTM, ScanOnnxLSTM
-from lstm_deploy_export.signature import BATCH, SEQUENCE, Signature, signature
+from lstm_deploy.bundle import BATCH, INPUT, LENGTHS, SEQUENCE, Signature, lstm_signature
+from lstm_deploy.versions import __version__
+from lstm_deploy_export.export.graphs import (
+    DeployLSTM,
+    ExportError,
+    NativeOnnxLSTM,
+    ScanOnnxLSTM,
+)
 
 OPSET = 18
 FORBIDDEN_OPS = frozenset({"Loop", "SequenceEmpty", "SequenceConstruct", "ConcatFromSequence"})
-
-
-def model_signature(model: LSTM) -> Signature:
-    c = model.config
-    return signature(c.input_size, c.hidden_size, c.num_layers, c.bidirectional, c.proj_size)
+GRAPHS: dict[str, type[nn.Module]] = {"lstm": NativeOnnxLSTM, "scan": ScanOnnxLSTM}
 
 
 def example_inputs(model: LSTM, batch: int = 2, steps: int = 3) -> tuple[torch.Tensor, ...]:
@@ -32,15 +34,13 @@ def example_inputs(model: LSTM, batch: int = 2, steps: int = 3) -> tuple[torch.T
 
     Batch 2 and 3 steps: sizes that no test or user shape depends on (1 would be specialised).
     """
-    sig = model_signature(model)
     p = next(model.parameters())
-    shapes = {BATCH: batch, SEQUENCE: steps}
     tensors = []
-    for spec in sig.inputs:
-        shape = [shapes[s] if isinstance(s, str) else s for s in spec.shape]
-        if spec.name == "lengths":
+    for spec in lstm_signature(model.config).inputs:
+        shape = spec.concrete({BATCH: batch, SEQUENCE: steps})
+        if spec.name == LENGTHS:
             tensors.append(torch.full(shape, steps, dtype=torch.int64))
-        elif spec.name == "input":
+        elif spec.name == INPUT:
             tensors.append(torch.randn(shape, dtype=p.dtype))
         else:
             tensors.append(torch.zeros(shape, dtype=p.dtype))
@@ -71,11 +71,10 @@ def _quiet_exporter() -> Iterator[None]:
 
 def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
     """`model.onnx` (kind "lstm": native LSTM ops) or `model.scan.onnx` (kind "scan")."""
-    graphs: dict[str, type[nn.Module]] = {"lstm": NativeOnnxLSTM, "scan": ScanOnnxLSTM}
-    if kind not in graphs:
-        raise ValueError(f"unknown ONNX graph kind {kind!r}; expected one of {sorted(graphs)}")
-    module = graphs[kind](model).eval()
-    sig = model_signature(model)
+    if kind not in GRAPHS:
+        raise ValueError(f"unknown ONNX graph kind {kind!r}; expected one of {sorted(GRAPHS)}")
+    module = GRAPHS[kind](model).eval()
+    sig = lstm_signature(model.config)
     batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)
     dynamic = {
         t.name: {
@@ -94,14 +93,15 @@ def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
             opset_version=OPSET,
             verbose=False,
         )
-    assert program is not None
+    if program is None:  # only with dynamo=False; named here for the type checker
+        raise ExportError(f"torch.onnx.export returned no program for {path}")
     proto = program.model_proto
     _drop_unused_initializers(proto)
     _name_dynamic_axes(proto, sig)
     onnx.helper.set_model_props(
         proto,
         {
-            "lstm_deploy.version": lstm_deploy.__version__,
+            "lstm_deploy.version": __version__,
             "lstm_deploy.config": json.dumps(model.config.to_dict()),
             "lstm_deploy.graph": kind,
         },
@@ -114,22 +114,22 @@ def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
 def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
     # The exporter can leave constants that no node reads; ONNX Runtime warns about each one on
     # every session it creates (a serving log line per model load).
-    used = {name for node in _nodes(proto.graph) for name in node.input}
+    used = {name for node in _nodes(proto.graph.node) for name in node.input}
     used |= {value.name for value in proto.graph.output}
     unused = [init for init in proto.graph.initializer if init.name not in used]
     for init in unused:
         proto.graph.initializer.remove(init)
 
 
-def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of a graph and of its subgraphs (a Scan body reads the outer initializers)."""
-    for node in graph.node:
+def _nodes(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+    """Every node, and every node of their subgraphs (a Scan body reads outer initializers)."""
+    for node in nodes:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
+                yield from _nodes(attr.g.node)
             for g in attr.graphs:
-                yield from _nodes(g)
+                yield from _nodes(g.node)
 
 
 def _name_dynamic_axes(proto: onnx.ModelProto, sig: Signature) -> None:
@@ -146,31 +146,23 @@ def _name_dynamic_axes(proto: onnx.ModelProto, sig: Signature) -> None:
 
 
 def check_onnx(proto: onnx.ModelProto) -> None:
-    """The checker's full check, and none of the ops that TensorRT cannot load."""
-    onnx.checker.check_model(proto, full_check=True)
+    """The checker's full check, and none of the ops that TensorRT cannot load.
+
+    Raises ExportError (which the CLI reports in one line) for either.
+    """
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported ONNX graph is not valid: {e}") from None
     found = FORBIDDEN_OPS & op_types(proto)
     if found:
-        raise AssertionError(f"the ONNX graph contains {sorted(found)}, which must not appear")
+        raise ExportError(
+            f"the ONNX graph contains {sorted(found)}, which TensorRT cannot load; this is a "
+            "bug in lstm-deploy's export: please report it with the model's config"
+        )
 
 
 def op_types(proto: onnx.ModelProto) -> set[str]:
     """Every op type in the graph, its subgraphs and its local functions."""
-    types: set[str] = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            types.add(node.op_type)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                for g in attr.graphs:
-                    visit(g)
-
-    visit(proto.graph)
-    for f in proto.functions:
-        for node in f.node:
-            types.add(node.op_type)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-    return types
+    functions = (node for f in proto.functions for node in f.node)
+    return {node.op_type for node in _nodes(itertools.chain(proto.graph.node, functions))}

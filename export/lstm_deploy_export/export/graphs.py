@@ -1,4 +1,4 @@
-"""The deployed forms of a scratch LSTM, all with the signature of `signature.py`.
+"""The deployed forms of a scratch LSTM, all with the signature `lstm_deploy.bundle.lstm_signature`.
 
 - `DeployLSTM`: the scratch module behind the batch-first signature; scripted into `model.pt`.
 - `NativeOnnxLSTM`: one ONNX `LSTM` op per layer (both directions in one op), emitted with
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._higher_order_ops.scan import scan
 
-from lstm_deploy import LSTM, lstm_cell
+from lstm_deploy.model import LSTM, lstm_cell
 
 # torch.nn.LSTM stacks the gate blocks i, f, g, o; the ONNX LSTM op wants i, o, f, c (c = g).
 _TORCH_TO_ONNX_GATES = (0, 3, 1, 2)

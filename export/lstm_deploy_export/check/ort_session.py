@@ -15,15 +15,30 @@ The choices, measured with `lstm-deploy bench` and the notes in README "Performa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
-__all__ = ["CPU", "CUDA", "make_session", "session_options"]
+__all__ = ["CPU", "CUDA", "ProviderUnavailable", "cuda_unavailable", "make_session"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+
+
+class ProviderUnavailable(Exception):
+    """The execution provider asked for cannot run here; the message says why."""
+
+
+def cuda_unavailable() -> str | None:
+    """Why ONNX Runtime cannot use CUDAExecutionProvider here, or None when it can."""
+    providers = ort.get_available_providers()
+    if CUDA not in providers:
+        return (
+            f"{CUDA} not available (onnxruntime {ort.__version__} has "
+            f"{', '.join(providers)}; install onnxruntime-gpu)"
+        )
+    return None
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -32,6 +47,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: node placement notes are not findings
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -40,15 +56,21 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def make_session(
-    path: str | Path, providers: Sequence[str] = (CPU,), threads: int | None = None
+    path: str | Path, provider: str = CPU, threads: int | None = None, tf32: bool = False
 ) -> ort.InferenceSession:
-    """An InferenceSession for `path` on exactly `providers` (e.g. ("CUDAExecutionProvider",
-    "CPUExecutionProvider")). Raises ValueError for a provider this onnxruntime does not have."""
-    available = ort.get_available_providers()
-    missing = [p for p in providers if p not in available]
-    if missing:
-        raise ValueError(
-            f"execution providers {missing} are not available in this onnxruntime "
-            f"(available: {available})"
+    """An InferenceSession for `path` on `provider` (CPU the fallback of CUDA, as ORT requires).
+
+    On CUDA, TF32 is what `tf32` says: the provider's use_tf32 defaults to 1, which parity runs
+    must switch off. Raises ProviderUnavailable if `provider` is not the one that runs.
+    """
+    if provider == CUDA and (reason := cuda_unavailable()) is not None:
+        raise ProviderUnavailable(reason)
+    providers: list[Any] = [CPU]
+    if provider == CUDA:
+        providers.insert(0, (CUDA, {"use_tf32": str(int(tf32))}))
+    session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    if provider not in session.get_providers():  # onnxruntime logged why (CUDA libraries?)
+        raise ProviderUnavailable(
+            f"{provider} failed to initialise; the session fell back to {session.get_providers()}"
         )
-    return ort.InferenceSession(str(path), session_options(threads), providers=list(providers))
+    return session

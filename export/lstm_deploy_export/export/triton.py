@@ -24,13 +24,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lstm_deploy_export.signature import BATCH, Signature, TensorSpec
+from lstm_deploy.bundle import BATCH, INPUT, KSERVE_DIR, ONNX, TORCHSCRIPT, Signature, TensorSpec
 
 MAX_BATCH_SIZE = 64
 MAX_QUEUE_DELAY_US = 500
 MAX_SEQUENCE_IDLE_US = 60_000_000
 MAX_CANDIDATE_SEQUENCES = 64
-KSERVE_MANIFEST = "kserve/inferenceservice.yaml"  # relative to the bundle, beside triton/
+KSERVE_MANIFEST = f"{KSERVE_DIR}/inferenceservice.yaml"  # relative to the bundle, beside triton/
 # The python backend's model.py, and the numpy-only modules of lstm_deploy_serving it imports:
 # copied beside it, so the repository needs no lstm-deploy installed where Triton runs.
 PYTHON_MODEL_SOURCE = "triton_model.py"
@@ -42,7 +42,7 @@ _ENUM_FIELDS = frozenset({"data_type", "kind"})
 def _tensor(spec: TensorSpec, name: str | None = None) -> dict[str, Any]:
     # With max_batch_size > 0 Triton's dims leave out the batch axis; dynamic axes are -1.
     assert spec.shape[0] == BATCH, spec
-    dims = [-1 if isinstance(s, str) else s for s in spec.shape[1:]]
+    dims = spec.wire_shape[1:]
     entry: dict[str, Any] = {"name": name or spec.name, "data_type": _TRITON_TYPES[spec.dtype]}
     if dims:
         entry["dims"] = dims
@@ -94,7 +94,7 @@ def python_config(sig: Signature, name: str = "lstm_python") -> dict[str, Any]:
     """
     inputs = [_tensor(t) for t in sig.inputs]
     for entry in inputs:
-        if entry["name"] == "input":
+        if entry["name"] == INPUT:
             entry["allow_ragged_batch"] = True
         else:
             entry["optional"] = True
@@ -249,16 +249,16 @@ def write_repository(
         "\n1/model.onnx with ONNX Runtime: numpy and onnxruntime must be in its Python."
     )
     models = [
-        (onnx_config(sig), onnx_model, "model.onnx", ""),
+        (onnx_config(sig), onnx_model, ONNX, ""),
         (
             torchscript_config(sig),
             torchscript_model,
-            "model.pt",
+            TORCHSCRIPT,
             "\nThe libtorch backend names tensors by position:\n"
             + "\n".join(f"{n} = {t}" for t, n in torchscript_names(sig).items()),
         ),
-        (python_config(sig), onnx_model, "model.onnx", python_header),
-        (python_stateful_config(sig), onnx_model, "model.onnx", python_header),
+        (python_config(sig), onnx_model, ONNX, python_header),
+        (python_stateful_config(sig), onnx_model, ONNX, python_header),
     ]
     for config, source, filename, note in models:
         if source is None:

@@ -1,0 +1,132 @@
+"""The bundle writer: export a model's artifacts into a directory and sign them in its manifest.
+
+The format (file names, the manifest's fields, checksums) is `lstm_deploy.bundle`'s; this module
+only produces the files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from lstm_deploy import LSTM, load_safetensors, save_safetensors
+from lstm_deploy.bundle import (
+    ARTIFACTS,
+    FORMAT_VERSION,
+    KSERVE_DIR,
+    MANIFEST,
+    ONNX,
+    REPORTS,
+    TORCHSCRIPT,
+    TRITON_DIR,
+    WEIGHTS,
+    Bundle,
+    BundleError,
+    file_entry,
+    lstm_signature,
+)
+from lstm_deploy.versions import __version__, installed
+from lstm_deploy_export.export import triton
+from lstm_deploy_export.export.exporters import OPSET, export_onnx, export_torchscript
+
+__all__ = ["export_bundle", "load_model", "parse_artifacts"]
+
+
+def load_model(bundle: Bundle) -> LSTM:
+    """The bundle's model, from its weights (float32, CPU)."""
+    return load_safetensors(bundle.file(WEIGHTS))
+
+
+def parse_artifacts(spec: str | Iterable[str] | None, model: LSTM) -> list[str]:
+    """The artifact kinds to write; None means every one the model supports."""
+    if spec is None:
+        kinds = list(ARTIFACTS)
+        if model.proj_size > 0:  # no ONNX LSTM op has a projection; the Scan graph has
+            kinds.remove("onnx")
+        return kinds
+    kinds = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    unknown = [k for k in kinds if k not in ARTIFACTS]
+    if unknown or not kinds:
+        raise BundleError(
+            f"unknown artifacts {unknown or kinds}; choose from {','.join(ARTIFACTS)}"
+        )
+    return kinds
+
+
+def _prepare(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise BundleError(
+                f"{out} is not empty; pass --force to overwrite it, or choose another --out"
+            )
+        for name in [MANIFEST, WEIGHTS, *ARTIFACTS.values(), *REPORTS, TRITON_DIR, KSERVE_DIR]:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_bundle(
+    model: LSTM,
+    out_dir: str | Path,
+    artifacts: str | Iterable[str] | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Bundle:
+    """Export `model` into the bundle directory `out_dir` and write its manifest.
+
+    Args:
+        artifacts: a subset of "torchscript", "onnx", "scan" (a list or a comma-separated string);
+            None for all that the model supports.
+        force: allow writing into a non-empty directory (its previous bundle files are replaced).
+        progress: called with a line of text before each step.
+    """
+    out = Path(out_dir)
+    kinds = parse_artifacts(artifacts, model)
+    _prepare(out, force)
+    say = progress or (lambda _: None)
+    model = model.cpu().float().eval()
+
+    say(f"writing {WEIGHTS}")
+    save_safetensors(model, out / WEIGHTS)
+    written: dict[str, Path] = {}
+    for kind in kinds:
+        filename = ARTIFACTS[kind]
+        say(f"exporting {filename}")
+        if kind == "torchscript":
+            written[filename] = export_torchscript(model, out / filename)
+        else:
+            written[filename] = export_onnx(
+                model, out / filename, "lstm" if kind == "onnx" else "scan"
+            )
+    sig = lstm_signature(model.config)
+    say(f"writing {TRITON_DIR}/")
+    configs = triton.write_repository(
+        out / TRITON_DIR, sig, written.get(ONNX), written.get(TORCHSCRIPT)
+    )
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "versions": {
+            "lstm_deploy": __version__,
+            "python": sys.version.split()[0],
+            "torch": installed("torch"),
+            "onnx": installed("onnx"),
+            "onnxruntime": installed("onnxruntime"),
+        },
+        "config": model.config.to_dict(),
+        "signature": sig.to_json(),
+        "opset": OPSET,
+        "files": {p.relative_to(out).as_posix(): file_entry(p) for p in files},
+        "triton": configs,
+        "parity": None,
+    }
+    bundle = Bundle(out, manifest)
+    bundle.write_manifest()
+    return bundle

@@ -1,0 +1,323 @@
+"""THE bundle contract: file names, format version, the signature as data, the manifest.
+
+A bundle is a directory of artifacts and a `manifest.json` that pins the format version, the
+versions that wrote it, the model's config, its deployed signature, and the sha256 and size of
+every file. This module is the one place that knows that format:
+
+- the export writes bundles through `file_entry` and `Bundle.write_manifest`;
+- validate, bench, the server and the Triton launcher read them through `load_bundle`, which
+  checks the manifest's schema (each error names the field), keeps every listed path inside the
+  bundle (no `..`, no absolute paths, no symlinks out), and checks sizes and sha256.
+
+Torch-free (numpy-free, even): a serving image reads bundles without PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from lstm_deploy.config import LSTMConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+TORCHSCRIPT = "model.pt"
+ONNX = "model.onnx"
+SCAN_ONNX = "model.scan.onnx"
+ARTIFACTS = {"torchscript": TORCHSCRIPT, "onnx": ONNX, "scan": SCAN_ONNX}  # --artifacts kinds
+TRITON_DIR = "triton"
+KSERVE_DIR = "kserve"
+REPORTS = ("report.json", "report.md")  # validate's, beside the manifest; not in "files"
+
+# The deployed LSTM signature's names, declared once (see `lstm_signature`).
+BATCH, SEQUENCE = "batch", "sequence"  # the named dynamic axes
+INPUT, LENGTHS, H0, C0 = "input", "lengths", "h0", "c0"
+OUTPUT, HN, CN = "output", "hn", "cn"
+LSTM_INPUTS = (INPUT, LENGTHS, H0, C0)
+LSTM_OUTPUTS = (OUTPUT, HN, CN)
+
+DTYPES = frozenset({"float16", "float32", "float64", "int8", "int32", "int64", "uint8", "bool"})
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+Dim = int | str  # an int is fixed, a str names a dynamic axis
+
+
+class BundleError(Exception):
+    """A bundle that cannot be written or read as asked: one line naming the file or field."""
+
+
+# -- the signature -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # a numpy dtype name, one of DTYPES
+    shape: tuple[Dim, ...]
+
+    @property
+    def wire_shape(self) -> list[int]:
+        """The shape as KServe metadata and Triton configs write it: -1 for a dynamic axis."""
+        return [d if isinstance(d, int) else -1 for d in self.shape]
+
+    def concrete(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape with each dynamic axis replaced by its size in `sizes` ({"batch": 2})."""
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, entry: Any, where: str) -> TensorSpec:
+        entry = _mapping(entry, where)
+        name, dtype, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
+        if not isinstance(name, str) or not name:
+            raise BundleError(f"{MANIFEST}: {where}.name must be a non-empty string")
+        if dtype not in DTYPES:
+            raise BundleError(
+                f"{MANIFEST}: {where}.dtype is {dtype!r}; expected one of {sorted(DTYPES)}"
+            )
+        if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
+            raise BundleError(
+                f"{MANIFEST}: {where}.shape must be a list of sizes >= 0 and axis names"
+            )
+        return cls(name, dtype, tuple(shape))
+
+
+def _is_dim(d: Any) -> bool:
+    return (isinstance(d, str) and d != "") or (
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0
+    )
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_json(cls, entry: Any, where: str = "signature") -> Signature:
+        entry = _mapping(entry, where)
+        lists = {}
+        for side in ("inputs", "outputs"):
+            items = entry.get(side)
+            if not isinstance(items, list) or not items:
+                raise BundleError(f"{MANIFEST}: {where}.{side} must be a non-empty list")
+            lists[side] = tuple(
+                TensorSpec.from_json(t, f"{where}.{side}[{i}]") for i, t in enumerate(items)
+            )
+        names = [t.name for t in (*lists["inputs"], *lists["outputs"])]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise BundleError(f"{MANIFEST}: {where}: tensor names repeated: {repeated}")
+        return cls(lists["inputs"], lists["outputs"])
+
+
+def lstm_signature(config: LSTMConfig) -> Signature:
+    """The deployed signature of an LSTM: batch first everywhere, so servers batch on axis 0."""
+    state = config.num_layers * config.num_directions
+    h, h_out = config.hidden_size, config.real_hidden_size
+    return Signature(
+        inputs=(
+            TensorSpec(INPUT, "float32", (BATCH, SEQUENCE, config.input_size)),
+            TensorSpec(LENGTHS, "int64", (BATCH,)),
+            TensorSpec(H0, "float32", (BATCH, state, h_out)),
+            TensorSpec(C0, "float32", (BATCH, state, h)),
+        ),
+        outputs=(
+            TensorSpec(OUTPUT, "float32", (BATCH, SEQUENCE, config.num_directions * h_out)),
+            TensorSpec(HN, "float32", (BATCH, state, h_out)),
+            TensorSpec(CN, "float32", (BATCH, state, h)),
+        ),
+    )
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    """The hex sha256 of a file: the one checksum of the project."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A file's entry in the manifest's "files"."""
+    return {"sha256": sha256(path), "size": path.stat().st_size}
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BundleError(f"{MANIFEST}: {where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_path(name: Any) -> str:
+    """A listed file name that stays inside the bundle, or BundleError naming it."""
+    field = f"{MANIFEST}: files[{name!r}]"
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{field}: a file name must be a non-empty string")
+    path = PurePosixPath(name)
+    if path.is_absolute() or "\\" in name or re.match(r"^[A-Za-z]:", name):
+        raise BundleError(f"{field}: an absolute path; files must be relative to the bundle")
+    if any(part in ("..", ".") for part in name.split("/")) or "" in name.split("/"):
+        raise BundleError(f"{field}: '.', '..' and empty parts would leave the bundle's layout")
+    return name
+
+
+def _check_files(files: Any) -> dict[str, dict[str, Any]]:
+    files = _mapping(files, "files")
+    for name, entry in files.items():
+        _check_path(name)
+        entry = _mapping(entry, f"files[{name!r}]")
+        digest, size = entry.get("sha256"), entry.get("size")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise BundleError(f"{MANIFEST}: files[{name!r}].sha256 must be 64 lowercase hex digits")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BundleError(f"{MANIFEST}: files[{name!r}].size must be an integer >= 0")
+    return files
+
+
+def check_manifest(manifest: Any) -> dict[str, Any]:
+    """The manifest, once its schema holds; BundleError naming the first field that does not."""
+    manifest = _mapping(manifest, "the manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{MANIFEST}: format_version is {version!r}, this lstm-deploy reads "
+            f"{FORMAT_VERSION}; re-export the bundle with this version of lstm-deploy"
+        )
+    _check_files(manifest.get("files"))
+    Signature.from_json(manifest.get("signature"))
+    if "config" in manifest:
+        try:
+            LSTMConfig.from_dict(_mapping(manifest["config"], "config"))
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{MANIFEST}: config: {e}") from None
+    for key in ("versions", "triton"):
+        if key in manifest:
+            _mapping(manifest[key], key)
+    if manifest.get("parity") is not None:
+        _mapping(manifest["parity"], "parity")
+    return manifest
+
+
+# -- the bundle ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle directory and its manifest (schema checked on load)."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def signature(self) -> Signature:
+        return Signature.from_json(self.manifest["signature"])
+
+    @property
+    def config(self) -> LSTMConfig:
+        if "config" not in self.manifest:
+            raise BundleError(f"{self.path / MANIFEST}: no LSTM config (not an LSTM bundle)")
+        return LSTMConfig.from_dict(self.manifest["config"])
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def file(self, name: str) -> Path:
+        """The path of a file listed in the manifest, e.g. "model.onnx"."""
+        if not self.has(name):
+            raise BundleError(f"{self.path}: the bundle has no {name} (its manifest lists none)")
+        return self.path / name
+
+    def write_manifest(self) -> None:
+        """Write the manifest (not itself in "files": it holds their checksums)."""
+        check_manifest(self.manifest)
+        (self.path / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+
+
+def load_bundle(path: str | Path, only: Iterable[str] | None = None) -> Bundle:
+    """Read a bundle: the manifest's schema, then every listed file's place, size and sha256.
+
+    Args:
+        only: verify just these files, or the files under these folders ("triton/lstm_python/");
+            each must be listed. None verifies every file (hashing all of them).
+
+    Raises:
+        BundleError: one line naming the bundle and every problem found.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"bundle not found: {root} is not a directory")
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"{root} is not a bundle: it has no {MANIFEST} (write one with `lstm-deploy export`)"
+        )
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BundleError(f"{manifest_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BundleError(f"{manifest_path}: nested too deeply to be a manifest") from None
+    try:
+        manifest = check_manifest(data)
+    except BundleError as e:
+        raise BundleError(f"{root}: {e}") from None
+    names = list(manifest["files"])
+    if only is not None:
+        selected = []
+        for want in only:
+            found = [n for n in names if n == want or (want.endswith("/") and n.startswith(want))]
+            if not found:
+                raise BundleError(
+                    f"{root}: the bundle has no {want} (its manifest lists none; re-export it "
+                    "with that artifact)"
+                )
+            selected += found
+        names = list(dict.fromkeys(selected))
+    problems = [p for p in (_verify(root, n, manifest["files"][n]) for n in names) if p]
+    if problems:
+        raise BundleError(f"{root}: bundle verification failed: " + "; ".join(problems))
+    return Bundle(root, manifest)
+
+
+def _verify(root: Path, name: str, entry: Mapping[str, Any]) -> str | None:
+    """What is wrong with one listed file, or None."""
+    file = root / name
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(file)]) != real_root:
+        return f"{name}: a symlink that leaves the bundle"
+    if not file.is_file():
+        return f"{name}: missing"
+    if file.stat().st_size != entry["size"] or sha256(file) != entry["sha256"]:
+        return (
+            f"{name}: sha256 mismatch: the file does not match the sha256 in {MANIFEST} "
+            "(it changed after export)"
+        )
+    return None
