@@ -262,11 +262,12 @@ class Bundle:
 
 
 def load_bundle(path: str | Path, only: Iterable[str] | None = None) -> Bundle:
-    """Read a bundle: the manifest's schema, then every listed file's place, size and sha256.
+    """Read a bundle: the manifest's schema, every listed file's place, then sizes and sha256.
 
     Args:
-        only: verify just these files, or the files under these folders ("triton/lstm_python/");
-            each must be listed. None verifies every file (hashing all of them).
+        only: check the content (size, sha256) of just these files, or of the files under these
+            folders ("triton/lstm_python/"); each must be listed. None checks every file
+            (hashing all of them). Every listed path is kept inside the bundle either way.
 
     Raises:
         BundleError: one line naming the bundle and every problem found.
@@ -290,6 +291,7 @@ def load_bundle(path: str | Path, only: Iterable[str] | None = None) -> Bundle:
     except BundleError as e:
         raise BundleError(f"{root}: {e}") from None
     names = list(manifest["files"])
+    problems = [p for p in (_confined(root, n) for n in names) if p]  # every file, always
     if only is not None:
         selected = []
         for want in only:
@@ -301,18 +303,24 @@ def load_bundle(path: str | Path, only: Iterable[str] | None = None) -> Bundle:
                 )
             selected += found
         names = list(dict.fromkeys(selected))
-    problems = [p for p in (_verify(root, n, manifest["files"][n]) for n in names) if p]
+    if not problems:
+        problems = [p for p in (_verify(root, n, manifest["files"][n]) for n in names) if p]
     if problems:
         raise BundleError(f"{root}: bundle verification failed: " + "; ".join(problems))
     return Bundle(root, manifest)
 
 
-def _verify(root: Path, name: str, entry: Mapping[str, Any]) -> str | None:
-    """What is wrong with one listed file, or None."""
-    file = root / name
+def _confined(root: Path, name: str) -> str | None:
+    """Whether a listed file, symlinks resolved, stays inside the bundle: None, or the problem."""
     real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(file)]) != real_root:
+    if os.path.commonpath([real_root, os.path.realpath(root / name)]) != real_root:
         return f"{name}: a symlink that leaves the bundle"
+    return None
+
+
+def _verify(root: Path, name: str, entry: Mapping[str, Any]) -> str | None:
+    """What is wrong with one listed file's content, or None."""
+    file = root / name
     if not file.is_file():
         return f"{name}: missing"
     if file.stat().st_size != entry["size"] or sha256(file) != entry["sha256"]:

@@ -11,7 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lstm_deploy.model import LSTM, LSTMConfig
+from lstm_deploy.config import LSTMConfig
+from lstm_deploy.model import LSTM
 
 CONFIG_KEY = "lstm_deploy.config"
 _NAME = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")

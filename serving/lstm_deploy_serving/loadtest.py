@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from lstm_deploy.bundle import INPUT, MANIFEST
+
 from .launch import ServerProcess
 
 
@@ -84,7 +86,7 @@ async def _drive(
     async def worker() -> None:
         nonlocal errors
         for x in todo:
-            item = http.InferInput("input", list(x.shape), "FP32")
+            item = http.InferInput(INPUT, list(x.shape), "FP32")
             item.set_data_from_numpy(x)
             start = time.perf_counter()
             try:
@@ -114,7 +116,7 @@ async def _measure_async(url: str, spec: LoadSpec, label: str) -> list[LevelResu
         if not ready:
             raise LoadtestError(f"model '{spec.model_name}' is not ready at {url}")
         metadata = await client.get_model_metadata(spec.model_name)
-        feature = next(t["shape"][2] for t in metadata["inputs"] if t["name"] == "input")
+        feature = next(t["shape"][2] for t in metadata["inputs"] if t["name"] == INPUT)
         rng = np.random.default_rng(spec.seed)
 
         def sample(n: int) -> list[np.ndarray]:
@@ -206,8 +208,8 @@ def run(
         results += measure(url, spec, _server_label(url, spec.model_name))
     else:
         assert bundle is not None
-        if not (bundle / "manifest.json").is_file():
-            raise LoadtestError(f"bundle not found: {bundle} has no manifest.json")
+        if not (bundle / MANIFEST).is_file():
+            raise LoadtestError(f"bundle not found: {bundle} has no {MANIFEST}")
         modes = [("dynamic batching", []), ("no batching", ["--no-dynamic-batching"])]
         flags = ["--model-name", spec.model_name, "--threads", str(threads)]
         with ExitStack() as stack:

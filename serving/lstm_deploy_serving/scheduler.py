@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lstm_deploy.bundle import INPUT
+
 from .batching import pad_and_merge, split
 from .errors import ServerFault, ServingError, Unavailable
 from .metrics import Metrics
@@ -98,7 +100,7 @@ class DynamicBatcher:
         now = time.perf_counter()
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
         deadline = None if timeout_s is None else now + timeout_s
-        self._queue.append(_Item(inputs, int(inputs["input"].shape[0]), future, now, deadline))
+        self._queue.append(_Item(inputs, int(inputs[INPUT].shape[0]), future, now, deadline))
         self._update_pending()
         self._arrived.set()
         return await future

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lstm_deploy.bundle import REPORTS
 from lstm_deploy_export.check.report import (
     REFERENCES,
     SKIPPED,
@@ -244,7 +245,7 @@ def parity_summary(report: Report, report_path: str | None) -> dict[str, Any]:
 def write(report: Report, directory: Path) -> tuple[Path, Path]:
     """report.json and report.md into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = directory / "report.json", directory / "report.md"
+    json_path, md_path = (directory / name for name in REPORTS)
     json_path.write_text(json.dumps(_finite(to_json(report)), indent=1, allow_nan=False) + "\n")
     md_path.write_text(markdown(report))
     return json_path, md_path

@@ -14,8 +14,8 @@ import onnx
 import torch
 from torch import nn
 
-from lstm_deploy import LSTM
 from lstm_deploy.bundle import BATCH, INPUT, LENGTHS, SEQUENCE, Signature, lstm_signature
+from lstm_deploy.model import LSTM
 from lstm_deploy.versions import __version__
 from lstm_deploy_export.export.graphs import (
     DeployLSTM,

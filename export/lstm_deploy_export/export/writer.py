@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from lstm_deploy import LSTM, load_safetensors, save_safetensors
 from lstm_deploy.bundle import (
     ARTIFACTS,
     FORMAT_VERSION,
@@ -27,7 +26,9 @@ from lstm_deploy.bundle import (
     file_entry,
     lstm_signature,
 )
+from lstm_deploy.model import LSTM
 from lstm_deploy.versions import __version__, installed
+from lstm_deploy.weights import load_safetensors, save_safetensors
 from lstm_deploy_export.export import triton
 from lstm_deploy_export.export.exporters import OPSET, export_onnx, export_torchscript
 
