@@ -11,7 +11,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lstm_deploy.config import LSTMConfig
-from lstm_deploy.versions import __version__
 
 if TYPE_CHECKING:
     from lstm_deploy.model import LSTM, lstm_cell, lstm_layer
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
+    "__version__": "lstm_deploy.versions",
     "LSTM": "lstm_deploy.model",
     "lstm_cell": "lstm_deploy.model",
     "lstm_layer": "lstm_deploy.model",

@@ -7,7 +7,9 @@ The batching core and the sequence-state store are plain numpy, usable without t
 (e.g. in a Triton python-backend ``model.py``): see ``batching`` and ``sequences``.
 """
 
-from lstm_deploy.versions import __version__
+from typing import Any
+
+from lstm_deploy import versions
 
 # numpy only below: the Triton python-backend model.py imports this package from a copy of
 # its numpy-only modules (batching, errors, sequences), without uvicorn or onnxruntime.
@@ -24,3 +26,9 @@ __all__ = [
     "pad_and_merge",
     "split",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read on first use: see lstm_deploy.versions
+        return versions.package_version()
+    raise AttributeError(f"module 'lstm_deploy_serving' has no attribute {name!r}")

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from lstm_deploy import versions
 from lstm_deploy.bundle import C0, CN, H0, HN, INPUT, ONNX, BundleError
-from lstm_deploy.versions import __version__
 
 from . import codecs, model_spec
 from .batching import fill_defaults
@@ -154,7 +154,11 @@ class InferenceService:
             )
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+        return {
+            "name": SERVER_NAME,
+            "version": versions.package_version(),
+            "extensions": EXTENSIONS,
+        }
 
     def model_metadata(self) -> dict[str, Any]:
         def tensors(specs: Any) -> list[dict[str, Any]]:

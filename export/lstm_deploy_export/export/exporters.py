@@ -16,7 +16,7 @@ from torch import nn
 
 from lstm_deploy.bundle import BATCH, INPUT, LENGTHS, SEQUENCE, Signature, lstm_signature
 from lstm_deploy.model import LSTM
-from lstm_deploy.versions import __version__
+from lstm_deploy.versions import package_version
 from lstm_deploy_export.export.graphs import (
     DeployLSTM,
     ExportError,
@@ -101,7 +101,7 @@ def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
     onnx.helper.set_model_props(
         proto,
         {
-            "lstm_deploy.version": __version__,
+            "lstm_deploy.version": package_version(),
             "lstm_deploy.config": json.dumps(model.config.to_dict()),
             "lstm_deploy.graph": kind,
         },

@@ -27,7 +27,7 @@ from lstm_deploy.bundle import (
     lstm_signature,
 )
 from lstm_deploy.model import LSTM
-from lstm_deploy.versions import __version__, installed
+from lstm_deploy.versions import installed, package_version
 from lstm_deploy.weights import load_safetensors, save_safetensors
 from lstm_deploy_export.export import triton
 from lstm_deploy_export.export.exporters import OPSET, export_onnx, export_torchscript
@@ -115,7 +115,7 @@ def export_bundle(
     manifest = {
         "format_version": FORMAT_VERSION,
         "versions": {
-            "lstm_deploy": __version__,
+            "lstm_deploy": package_version(),
             "python": sys.version.split()[0],
             "torch": installed("torch"),
             "onnx": installed("onnx"),
