@@ -23,9 +23,8 @@ from lstm_deploy_export.check.report import (
 
 HEADER = ["runtime", "artifact", "status", "max rel", "of tol", "worst at", "time"]
 LEGEND = (
-    "columns: max |Δ| per output vs the float64 oracle, worst over the sweep; max rel = "
-    "|Δ|/max(|ref|, 1e-3); of tol = largest |Δ|/allowed (> 1 fails); worst at = output, case "
-    "and index of the largest |Δ|"
+    "columns: per output, max |Δ| vs the float64 oracle over the sweep; max rel = "
+    "|Δ|/max(|ref|, 1e-3); of tol = max |Δ|/allowed (> 1 fails); worst at = where max |Δ| is"
 )
 
 

@@ -91,16 +91,20 @@ def run(args: argparse.Namespace) -> int:
     print(render.table(report))
     print()
     print(f"the bundle: {bundle.path.resolve()}/")
-    for name, entry in sorted(bundle.manifest["files"].items()):
-        if "/" not in name:
-            print(f"  {name:<22} {entry['size']:>10,} B")
-    for name, what in (
+    listing = [
+        *(
+            (name, f"{entry['size']:>10,} B")
+            for name, entry in sorted(bundle.manifest["files"].items())
+            if "/" not in name
+        ),
         (f"{TRITON_DIR}/", "a Triton model repository (onnxruntime, libtorch, python backends)"),
         (f"{KSERVE_DIR}/", f"a KServe InferenceService for {TRITON_DIR}/"),
         (MANIFEST, "versions, signature, sha256 of every file, parity summary"),
         (", ".join(REPORTS), "this parity report in full"),
-    ):
-        print(f"  {name:<22} {what}")
+    ]
+    width = max(len(name) for name, _ in listing) + 2
+    for name, what in listing:
+        print(f"  {name:<{width}}{what}")
     print()
     steps = [(f"lstm-deploy serve {out}", "a KServe v2 (Triton-compatible) HTTP server")]
     if not args.thorough:
