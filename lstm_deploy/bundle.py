@@ -185,7 +185,7 @@ def _check_path(name: Any) -> str:
     if path.is_absolute() or "\\" in name or re.match(r"^[A-Za-z]:", name):
         raise BundleError(f"{field}: an absolute path; files must be relative to the bundle")
     if any(part in ("..", ".") for part in name.split("/")) or "" in name.split("/"):
-        raise BundleError(f"{field}: '.', '..' and empty parts would leave the bundle's layout")
+        raise BundleError(f"{field}: a path out of the bundle ('..', '.' and '//' are not allowed)")
     return name
 
 

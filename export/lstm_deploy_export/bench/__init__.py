@@ -1,0 +1,1 @@
+"""Bench: `lstm-deploy bench`: timing over a grid against torch.nn.LSTM, and its report."""

@@ -1,0 +1,1 @@
+"""Check: `lstm-deploy validate`: the runtime registry, the sweep, the references, the report."""

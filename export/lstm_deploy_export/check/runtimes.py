@@ -79,7 +79,7 @@ class Context:
     triton_python: str | None = None
     say: Callable[[str], None] | None = None
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    _programs: CppPrograms | None = None
+    _programs: CppPrograms | None = field(default=None, init=False, repr=False)
 
     def programs(self) -> CppPrograms:
         if self._programs is None:

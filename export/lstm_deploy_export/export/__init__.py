@@ -1,0 +1,1 @@
+"""Export: the deployed graphs, the exporters (TorchScript, ONNX), the bundle writer, Triton."""
