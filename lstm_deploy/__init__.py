@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from lstm_deploy.seed import from_seed_tensors, last_valid_output, seed_init_
     from lstm_deploy.weights import (
         WeightsError,
+        check_finite,
         config_from_state_dict,
         load_checkpoint,
         load_safetensors,
@@ -32,6 +33,7 @@ _LAZY = {
     "last_valid_output": "lstm_deploy.seed",
     "seed_init_": "lstm_deploy.seed",
     "WeightsError": "lstm_deploy.weights",
+    "check_finite": "lstm_deploy.weights",
     "config_from_state_dict": "lstm_deploy.weights",
     "load_checkpoint": "lstm_deploy.weights",
     "load_safetensors": "lstm_deploy.weights",
@@ -43,6 +45,7 @@ __all__ = [
     "LSTMConfig",
     "WeightsError",
     "__version__",
+    "check_finite",
     "config_from_state_dict",
     "from_seed_tensors",
     "last_valid_output",

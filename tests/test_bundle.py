@@ -182,3 +182,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, make, match: str) 
 def test_cli_refuses_to_overwrite_without_force(bundle_dir: Path, capsys) -> None:
     assert main(["export", "--demo", "--out", str(bundle_dir), "--artifacts", "onnx"]) == 2
     assert "pass --force" in capsys.readouterr().err
+
+
+def test_nan_weights_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from lstm_deploy import WeightsError
+
+    model = LSTM(3, 4)
+    with torch.no_grad():
+        model.weight_hh_l0[1, 2] = float("nan")
+    with pytest.raises(WeightsError, match="weight_hh_l0 has 1 NaN"):
+        export_bundle(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

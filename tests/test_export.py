@@ -111,10 +111,12 @@ def test_onnx_graphs_are_well_formed(exported) -> None:
         if artifact == "model.onnx":
             assert "LSTM" in ops and "Scan" not in ops
             lstm_nodes = [n for n in proto.graph.node if n.op_type == "LSTM"]
-            assert len(lstm_nodes) == model.num_layers
+            # one op per layer and direction: the reverse one runs forward over each sequence
+            # reversed within its length, exact where sequence_lens is ignored (test_onnx_runtimes)
+            assert len(lstm_nodes) == model.num_layers * (2 if model.bidirectional else 1)
             for node in lstm_nodes:
                 attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-                assert attrs.get("layout", 0) == 0
+                assert attrs.get("layout", 0) == 0 and attrs["direction"] == b"forward"
                 assert node.input[4], "sequence_lens must be wired from lengths"
                 # W, R, B are constants (initializers), not computed by Split/Concat in the graph
                 initializers = {i.name for i in proto.graph.initializer}

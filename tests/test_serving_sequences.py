@@ -250,3 +250,33 @@ def test_idle_timeout_and_cap_through_the_server(onnx_bundle: Path, reference: R
             assert metrics(address)["lstm_deploy_sequences_evicted"] >= 3
         finally:
             client.close()
+
+
+def test_a_bidirectional_model_cannot_be_streamed(tmp_path: Path) -> None:
+    """Its backward direction starts at the sequence's last step: a stream has not sent it yet.
+    The server says so with 400 and serves the whole sequence; the bundle has no stateful
+    Triton model to stream it either."""
+    import torch
+    from lstm_deploy_export.export.writer import export_bundle
+
+    from lstm_deploy import LSTM
+
+    torch.manual_seed(0)
+    model = LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    bundle = export_bundle(model, tmp_path / "bidirectional", artifacts="onnx")
+    assert "lstm_python_stateful" not in bundle.manifest["triton"]
+    assert not (bundle.path / "triton" / "lstm_python_stateful").exists()
+    assert "lstm_python" in bundle.manifest["triton"]
+    x = np.random.default_rng(0).standard_normal((1, 6, 3), dtype=np.float32)
+    with running_server(bundle.path) as address:
+        client = http.InferenceServerClient(address)
+        try:
+            with pytest.raises(InferenceServerException, match="bidirectional") as e:
+                _infer(client, x, sequence_id=7, sequence_start=True)
+            assert e.value.status() == "400" and "without sequence_id" in str(e.value)
+            whole = _infer(client, x).as_numpy("output")
+            with torch.no_grad():
+                expected = model(torch.from_numpy(x))[0].numpy()
+            np.testing.assert_allclose(whole, expected, rtol=0, atol=ATOL)
+        finally:
+            client.close()

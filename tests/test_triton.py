@@ -57,14 +57,14 @@ def _triton_python() -> Path:
 
 @pytest.fixture(scope="module")
 def full_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every artifact Triton can serve (onnxruntime, libtorch, python), bidirectional."""
+    """Every artifact Triton can serve (onnxruntime, libtorch, python), two layers."""
     import torch
     from lstm_deploy_export.export.writer import export_bundle
 
     import lstm_deploy
 
     torch.manual_seed(0)
-    model = lstm_deploy.LSTM(4, 8, num_layers=2, bidirectional=True, batch_first=True)
+    model = lstm_deploy.LSTM(4, 8, num_layers=2, batch_first=True)
     out = tmp_path_factory.mktemp("triton") / "bundle"
     return export_bundle(model, out, artifacts=("onnx", "torchscript")).path
 

@@ -34,6 +34,9 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     triton_config: dict[str, Any]
+    # Whether chunks of a sequence may come in separate requests, (h, c) kept between them:
+    # not for a bidirectional LSTM, whose backward direction starts at the sequence's last step.
+    streamable: bool = True
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -66,7 +69,8 @@ def read_spec(bundle: Bundle) -> ModelSpec:
             f"{bundle.path / MANIFEST}: triton.{TRITON_MODEL} is missing; re-export the bundle "
             "with the onnx artifact"
         )
-    return ModelSpec(sig.inputs, sig.outputs, dict(config))
+    streamable = not bundle.config.bidirectional
+    return ModelSpec(sig.inputs, sig.outputs, dict(config), streamable)
 
 
 def load(path: str | Path) -> tuple[Bundle, ModelSpec]:

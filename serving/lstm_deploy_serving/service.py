@@ -256,6 +256,12 @@ class InferenceService:
         end: bool,
         timeout: float | None,
     ) -> dict[str, np.ndarray]:
+        if not self.spec.streamable:
+            raise BadRequest(
+                f"model '{self.name}' is bidirectional and cannot be streamed: its backward "
+                "direction starts at a sequence's last step, which a stream has not sent yet; "
+                "send the whole sequence in one request, without sequence_id"
+            )
         if tensors[INPUT].shape[0] != 1:
             raise BadRequest("a request of a sequence (sequence_id) must have batch size 1")
         given = [n for n in STATE_INPUTS if n in tensors]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ class Runtime:
     make: Callable[[Bundle, Context], Runner]
     reference: bool = False  # bench's reference (torch.nn.LSTM), not a validate row
     untimed: str | None = None  # why bench does not time it
+    max_steps: int | None = None  # validate runs it on cases of at most this many steps
+    limit: str | None = None  # ... and why
 
     def unavailable(self, bundle: Bundle, context: Context) -> str | None:
         """Why this row is skipped for `bundle` here, or None when it can run."""
@@ -328,10 +331,66 @@ def _always(context: Context) -> str | None:
     return None
 
 
+def _openvino_available(context: Context) -> str | None:
+    if importlib.util.find_spec("openvino") is None:
+        return "openvino is not installed (pip install 'lstm-deploy[openvino]')"
+    return None
+
+
+def _openvino(artifact: str) -> Callable[[Bundle, Context], Runner]:
+    def make(bundle: Bundle, context: Context) -> Runner:
+        import openvino as ov
+
+        sig = bundle.signature
+        # f32: OpenVINO's CPU plugin may otherwise run in bf16 or f16 where the CPU has them.
+        compiled = ov.Core().compile_model(
+            str(bundle.file(artifact)),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": context.threads},
+        )
+        request = compiled.create_infer_request()
+
+        def prepare(inputs: Arrays) -> Callable[[], Any]:
+            feeds = {n: np.ascontiguousarray(inputs[n]) for n in sig.input_names}
+            return lambda: request.infer(feeds)
+
+        def outputs(result: Any) -> Arrays:  # copies: the request reuses its output buffers
+            return {n: np.array(result[compiled.output(n)]) for n in sig.output_names}
+
+        return Runner(prepare, outputs)
+
+    return make
+
+
+def _onnx_reference(artifact: str) -> Callable[[Bundle, Context], Runner]:
+    def make(bundle: Bundle, context: Context) -> Runner:
+        from onnx.reference import ReferenceEvaluator
+
+        sig, evaluator = bundle.signature, ReferenceEvaluator(str(bundle.file(artifact)))
+
+        def prepare(inputs: Arrays) -> Callable[[], Any]:
+            feeds = {n: inputs[n] for n in sig.input_names}
+
+            def call() -> Any:
+                # Its sigmoid is 1 / (1 + exp(-x)): a saturated gate overflows exp to inf on the
+                # way to the exact limit, 0. That is the right answer, not a warning.
+                with np.errstate(over="ignore"):
+                    return evaluator.run(sig.output_names, feeds)
+
+            return call
+
+        return Runner(prepare, lambda result: dict(zip(sig.output_names, result)))
+
+    return make
+
+
 _NO_CPP_TIMING = (
     "the C++ programs of export/cpp have no timing mode (one forward per process, inputs "
     "through .npy files: process start and file I/O would dominate)"
 )
+
+_REFERENCE_SPEED = "a reference implementation in numpy, written to be read, not to be fast"
+_REFERENCE_LIMIT = "T <= 64 only: its GatherElements (np.choose) takes 64 indices at most"
 
 # The registry. Its order is the report's.
 RUNTIMES = (
@@ -349,6 +408,18 @@ RUNTIMES = (
     Runtime("onnxruntime-cpu", SCAN_ONNX, "model.scan.onnx", "cpu", FLOAT32,
             "onnxruntime, CPUExecutionProvider", _always,
             _onnxruntime(SCAN_ONNX, ort_session.CPU)),
+    Runtime("openvino-cpu", ONNX, "model.onnx (OpenVINO)", "cpu", FLOAT32,
+            "OpenVINO, CPU, INFERENCE_PRECISION_HINT f32", _openvino_available,
+            _openvino(ONNX)),
+    Runtime("openvino-cpu", SCAN_ONNX, "model.scan.onnx (OpenVINO)", "cpu", FLOAT32,
+            "OpenVINO, CPU, INFERENCE_PRECISION_HINT f32", _openvino_available,
+            _openvino(SCAN_ONNX)),
+    Runtime("onnx-reference", ONNX, "model.onnx (onnx reference)", "cpu", FLOAT32,
+            "onnx.reference.ReferenceEvaluator (numpy)", _always, _onnx_reference(ONNX),
+            untimed=_REFERENCE_SPEED, max_steps=64, limit=_REFERENCE_LIMIT),
+    Runtime("onnx-reference", SCAN_ONNX, "model.scan.onnx (onnx reference)", "cpu", FLOAT32,
+            "onnx.reference.ReferenceEvaluator (numpy)", _always, _onnx_reference(SCAN_ONNX),
+            untimed=_REFERENCE_SPEED, max_steps=64, limit=_REFERENCE_LIMIT),
     Runtime("torchscript-cuda", TORCHSCRIPT, "model.pt (cuda)", "cuda", CUDA_FLOAT32,
             "torch.jit.load, CUDA, TF32 off", cuda_unavailable, _torchscript("cuda")),
     Runtime("onnxruntime-cuda", ONNX, "model.onnx (ORT CUDA)", "cuda", CUDA_FLOAT32,

@@ -25,7 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lstm_deploy.bundle import BundleError
+from lstm_deploy.bundle import BundleError, load_bundle
 from lstm_deploy.cli_common import EXIT_FAIL, EXIT_OK, UsageError, int_at_least
 from lstm_deploy_export.tools.triton_env import ENV_PYTHON, TritonSetupError
 from lstm_deploy_export.tools.triton_server import SERVED_MODELS, TritonServer, check_repository
@@ -60,7 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    models = args.models or list(SERVED_MODELS)
+    try:  # by default the served models this bundle has (no stateful one if bidirectional)
+        exported = load_bundle(args.bundle, only=()).manifest.get("triton", {})
+    except BundleError as e:
+        raise UsageError(str(e)) from None
+    models = args.models or [m for m in SERVED_MODELS if m in exported]
+    if not models:
+        raise UsageError(
+            f"{args.bundle} has no python-backend Triton model: re-export it with the onnx "
+            "artifact, which they run"
+        )
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server as Ctrl-C does
     try:
         server = TritonServer(

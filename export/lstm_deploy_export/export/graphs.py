@@ -59,11 +59,32 @@ def _onnx_gates(w: Tensor, hidden_size: int) -> Tensor:
     return torch.cat([blocks[k] for k in _TORCH_TO_ONNX_GATES], 0)
 
 
+# The pad flag's weight in each gate (ONNX order i, o, f, c): at a padded step the input gate
+# saturates to 0 and the forget gate to 1, so c_t = 1 * c_{t-1} + 0 * g_t = c_{t-1} exactly. 1e4
+# saturates sigmoid whatever the rest of the pre-activation is, in any float32 implementation.
+_FREEZE = 1e4
+
+
+def _freeze_column(hidden_size: int, like: Tensor) -> Tensor:
+    blocks = (-_FREEZE, 0.0, _FREEZE, 0.0)  # i, o, f, c
+    return torch.cat([like.new_full((hidden_size, 1), v) for v in blocks])  # (4H, 1)
+
+
 class NativeOnnxLSTM(nn.Module):
-    """One ONNX `LSTM` op per layer, weights reordered once into the op's layout.
+    """One ONNX `LSTM` op per layer and direction, weights reordered once into the op's layout.
+
+    Exact at variable lengths on every conforming runtime, whether it honours the op's
+    `sequence_lens` (ONNX Runtime, which is faster with it: it is wired) or ignores it (OpenVINO,
+    onnx's reference evaluator). The graph does what the scratch module does, and relies on the op
+    only for steps 0..length-1 of each sequence, whose padding comes after them:
+    - the reverse direction is a forward op over each sequence reversed within its length (a
+      Gather before and after), so its padding comes last too;
+    - the input carries one more feature, 1 at padded steps, whose weights saturate the input and
+      forget gates: c is frozen over the padding, so the op's final c is c at step length - 1;
+    - h_n is gathered from the op's per-step h at step length - 1, and padded outputs are zeroed.
 
     The op runs time-major (layout=0: ONNX Runtime rejects layout=1), so the graph transposes the
-    batch-first input, state and outputs around it. `sequence_lens` carries `lengths`.
+    batch-first input, state and outputs around it.
     """
 
     def __init__(self, model: LSTM) -> None:
@@ -76,23 +97,18 @@ class NativeOnnxLSTM(nn.Module):
         self.hidden_size = model.hidden_size
         self.num_layers = model.num_layers
         self.num_directions = 2 if model.bidirectional else 1
-        d, h = self.num_directions, self.hidden_size
-        for layer in range(self.num_layers):
-            ks = [layer * d + direction for direction in range(d)]
-            w = torch.stack([_onnx_gates(model._w_ih[k], h) for k in ks])  # (D, 4H, I)
-            r = torch.stack([_onnx_gates(model._w_hh[k], h) for k in ks])  # (D, 4H, H)
-            if model.bias:  # ONNX's B is [Wb, Rb]: (D, 8H)
-                b = torch.stack(
-                    [
-                        torch.cat([_onnx_gates(model._b_ih[k], h), _onnx_gates(model._b_hh[k], h)])
-                        for k in ks
-                    ]
-                )
+        h = self.hidden_size
+        for k in range(self.num_layers * self.num_directions):
+            w = _onnx_gates(model._w_ih[k], h)  # (4H, I)
+            w = torch.cat([w, _freeze_column(h, w)], 1)  # (4H, I + 1): the pad flag's column
+            r = _onnx_gates(model._w_hh[k], h)  # (4H, H)
+            if model.bias:  # ONNX's B is [Wb, Rb]: (8H,)
+                b = torch.cat([_onnx_gates(model._b_ih[k], h), _onnx_gates(model._b_hh[k], h)])
             else:
-                b = w.new_zeros(d, 8 * h)
-            self.register_buffer(f"w_l{layer}", w)
-            self.register_buffer(f"r_l{layer}", r)
-            self.register_buffer(f"b_l{layer}", b)
+                b = w.new_zeros(8 * h)
+            self.register_buffer(f"w_{k}", w.unsqueeze(0))  # (1, 4H, I + 1)
+            self.register_buffer(f"r_{k}", r.unsqueeze(0))
+            self.register_buffer(f"b_{k}", b.unsqueeze(0))
 
     def forward(
         self, input: Tensor, lengths: Tensor, h0: Tensor, c0: Tensor
@@ -100,41 +116,44 @@ class NativeOnnxLSTM(nn.Module):
         d, h = self.num_directions, self.hidden_size
         x = input.transpose(0, 1)  # (T, B, I)
         steps, batch = x.shape[0], x.shape[1]
+        t = torch.arange(steps, device=x.device).unsqueeze(1)  # (T, 1)
+        valid = (t < lengths.unsqueeze(0)).unsqueeze(2)  # (T, B, 1)
+        pad = (~valid).to(x.dtype)  # the extra input feature
+        order = torch.where(valid, (lengths.unsqueeze(0) - 1 - t).unsqueeze(2), t.unsqueeze(2))
+        last = (lengths - 1).view(1, -1, 1).expand(1, batch, h)  # (1, B, H)
         sequence_lens = lengths.to(torch.int32)  # the op's type for sequence_lens
+        zero = torch.zeros((), dtype=x.dtype)
+        x = torch.where(valid, x, zero)  # whatever the padding held, it adds nothing
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            state = slice(layer * d, (layer + 1) * d)
-            y, y_h, y_c = torch.onnx.ops.symbolic_multi_out(
-                "LSTM",
-                [
-                    x,
-                    getattr(self, f"w_l{layer}"),
-                    getattr(self, f"r_l{layer}"),
-                    getattr(self, f"b_l{layer}"),
-                    sequence_lens,
-                    h0[:, state].transpose(0, 1),  # (D, B, H)
-                    c0[:, state].transpose(0, 1),
-                ],
-                {
-                    "hidden_size": h,
-                    "direction": "bidirectional" if d == 2 else "forward",
-                    "layout": 0,
-                },
-                dtypes=[x.dtype] * 3,
-                shapes=[[steps, d, batch, h], [d, batch, h], [d, batch, h]],
-            )  # y: (T, D, B, H); y_h, y_c: (D, B, H)
-            h_n.append(y_h)
-            c_n.append(y_c)
-            # With one direction a Squeeze, which reuses the op's output buffer; a Reshape after
-            # a Transpose is a copy in ONNX Runtime (1.7% of B64 T128 H128, profiled).
-            if layer < self.num_layers - 1:
-                x = y.squeeze(1) if d == 1 else y.permute(0, 2, 1, 3).reshape(steps, batch, d * h)
-        # Straight to batch first: one Transpose of the output per call, not two.
-        if d == 1:
-            output = y.squeeze(1).transpose(0, 1)  # (B, T, H)
-        else:
-            output = y.permute(2, 0, 1, 3).reshape(batch, steps, d * h)  # (B, T, D * H)
-        return output, torch.cat(h_n, 0).transpose(0, 1), torch.cat(c_n, 0).transpose(0, 1)
+            outputs = []
+            for direction in range(d):
+                k = layer * d + direction
+                xk = x if direction == 0 else x.gather(0, order.expand_as(x))
+                y, _, y_c = torch.onnx.ops.symbolic_multi_out(
+                    "LSTM",
+                    [
+                        torch.cat([xk, pad], 2),  # (T, B, I + 1)
+                        getattr(self, f"w_{k}"),
+                        getattr(self, f"r_{k}"),
+                        getattr(self, f"b_{k}"),
+                        sequence_lens,
+                        h0[:, k : k + 1].transpose(0, 1),  # (1, B, H)
+                        c0[:, k : k + 1].transpose(0, 1),
+                    ],
+                    {"hidden_size": h, "direction": "forward", "layout": 0},
+                    dtypes=[x.dtype] * 3,
+                    shapes=[[steps, 1, batch, h], [1, batch, h], [1, batch, h]],
+                )  # y: (T, 1, B, H); y_c: (1, B, H), c at step length - 1 (frozen after it)
+                y = y.squeeze(1)  # (T, B, H)
+                h_n.append(y.gather(0, last).squeeze(0))  # h at step length - 1
+                c_n.append(y_c.squeeze(0))
+                if direction == 1:
+                    y = y.gather(0, order.expand_as(y))  # back to time order
+                outputs.append(y)
+            x = outputs[0] if d == 1 else torch.cat(outputs, 2)  # (T, B, D * H)
+            x = torch.where(valid, x, zero)  # padded outputs are 0, and the next layer's input
+        return x.transpose(0, 1), torch.stack(h_n, 1), torch.stack(c_n, 1)
 
 
 class ScanOnnxLSTM(nn.Module):

@@ -236,12 +236,18 @@ def _render(message: dict[str, Any], lines: list[str], depth: int) -> None:
 
 
 def write_repository(
-    root: Path, sig: Signature, onnx_model: Path | None, torchscript_model: Path | None
+    root: Path,
+    sig: Signature,
+    onnx_model: Path | None,
+    torchscript_model: Path | None,
+    streamable: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Write `root/<model>/config.pbtxt` and `root/<model>/1/<files>`; return the configs by name.
 
-    The python-backend models come with `onnx_model`. Beside `root`, the KServe manifest for its
-    onnxruntime and libtorch models: `root/../kserve/inferenceservice.yaml`.
+    The python-backend models come with `onnx_model`; the stateful one only if the model is
+    `streamable`: a bidirectional LSTM is not (its backward direction would have to run over
+    steps that have not arrived yet). Beside `root`, the KServe manifest for its onnxruntime and
+    libtorch models: `root/../kserve/inferenceservice.yaml`.
     """
     configs: dict[str, dict[str, Any]] = {}
     python_header = (
@@ -258,7 +264,7 @@ def write_repository(
             + "\n".join(f"{n} = {t}" for t, n in torchscript_names(sig).items()),
         ),
         (python_config(sig), onnx_model, ONNX, python_header),
-        (python_stateful_config(sig), onnx_model, ONNX, python_header),
+        (python_stateful_config(sig), onnx_model if streamable else None, ONNX, python_header),
     ]
     for config, source, filename, note in models:
         if source is None:

@@ -28,7 +28,7 @@ from lstm_deploy.bundle import (
 )
 from lstm_deploy.model import LSTM
 from lstm_deploy.versions import installed, package_version
-from lstm_deploy.weights import load_safetensors, save_safetensors
+from lstm_deploy.weights import check_finite, load_safetensors, save_safetensors
 from lstm_deploy_export.export import triton
 from lstm_deploy_export.export.exporters import OPSET, export_onnx, export_torchscript
 
@@ -87,9 +87,15 @@ def export_bundle(
             None for all that the model supports.
         force: allow writing into a non-empty directory (its previous bundle files are replaced).
         progress: called with a line of text before each step.
+
+    Raises:
+        BundleError: `out_dir` is not empty (without `force`), or `artifacts` is unknown.
+        WeightsError: a weight is NaN or Inf.
+        ExportError: the model cannot be exported as asked (model.onnx with proj_size > 0).
     """
     out = Path(out_dir)
     kinds = parse_artifacts(artifacts, model)
+    check_finite(model)  # before anything is written: NaN weights make NaN artifacts
     _prepare(out, force)
     say = progress or (lambda _: None)
     model = model.cpu().float().eval()
@@ -109,7 +115,11 @@ def export_bundle(
     sig = lstm_signature(model.config)
     say(f"writing {TRITON_DIR}/")
     configs = triton.write_repository(
-        out / TRITON_DIR, sig, written.get(ONNX), written.get(TORCHSCRIPT)
+        out / TRITON_DIR,
+        sig,
+        written.get(ONNX),
+        written.get(TORCHSCRIPT),
+        streamable=not model.bidirectional,
     )
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
