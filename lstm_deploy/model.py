@@ -8,7 +8,8 @@ Speed (README "Performance", measured with `lstm-deploy bench`): the input proje
 is one GEMM; a layer's time loop runs the cell as few ops as it can, in one of two forms: the
 differentiable one (`_recurrence`), and, when nothing needs a gradient, the same cell written into
 buffers made once (`recurrence_no_grad`, in `lstm_deploy._fast`); padding costs nothing per step
-(see `lstm_layer`). The argument and input checks are nn.LSTM's, in `lstm_deploy._checks`.
+(see `lstm_layer`). The argument and input checks are nn.LSTM's, in `lstm_deploy._checks`; a
+PackedSequence input (eager mode) goes through `lstm_deploy._packed`.
 """
 
 import math
@@ -17,15 +18,17 @@ from typing import Any, ClassVar, List, Optional, Tuple  # TorchScript resolves 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from lstm_deploy._checks import (
     check_config,
     check_input,
     check_lengths,
     check_state,
-    check_unbatched_state,
+    check_steps,
 )
 from lstm_deploy._fast import recurrence_no_grad
+from lstm_deploy._packed import forward_packed
 from lstm_deploy.config import LSTMConfig
 
 __all__ = ["LSTM", "LSTMConfig", "lstm_cell", "lstm_layer"]
@@ -174,24 +177,40 @@ class LSTM(nn.Module):
         num_layers: the number of stacked layers. Default: 1
         bias: if False, the layers use no `b_ih` and `b_hh`. Default: True
         batch_first: if True, input and output are (batch, seq, feature). Default: False
-        dropout: dropout probability on the outputs of each layer but the last, in training mode.
-            Default: 0
+        dropout: dropout probability on the outputs of each layer but the last, in training mode;
+            with one layer it does nothing, and a UserWarning says so. Default: 0
         bidirectional: if True, a bidirectional LSTM. Default: False
         proj_size: if > 0, `h` is projected to this size by `weight_hr_l{k}`. Default: 0
 
     Inputs: input, (h_0, c_0), lengths
-        input: (L, N, H_in), (N, L, H_in) when batch_first, or (L, H_in) unbatched.
-        h_0: (D * num_layers, N, H_out) or (D * num_layers, H_out); zeros when hx is None.
+        input: (L, N, H_in), (N, L, H_in) when batch_first, or (L, H_in) unbatched, with L >= 1;
+            in eager mode also a PackedSequence (from pack_padded_sequence or pack_sequence,
+            sorted or not), as nn.LSTM takes it. The scripted module takes tensors only: it has
+            `lengths` instead.
+        h_0: (D * num_layers, N, H_out) or (D * num_layers, H_out); zeros when hx is None. With a
+            PackedSequence, N is its batch, in the order of the sequences before packing.
         c_0: (D * num_layers, N, H_cell) or (D * num_layers, H_cell); zeros when hx is None.
-        lengths: optional int64 (N,) with each value in [1, L]: steps at t >= length are padding.
+        lengths: optional (N,) of an integer dtype, each in [1, L]: steps at t >= length are
+            padding. None with a PackedSequence (it carries its lengths).
 
     Outputs: output, (h_n, c_n)
-        output: (L, N, D * H_out) ((N, L, D * H_out) when batch_first); zero at padded steps.
-        h_n, c_n: the state after each sequence's last valid step, shaped like h_0 and c_0.
+        output: (L, N, D * H_out) ((N, L, D * H_out) when batch_first); zero at padded steps. For
+            a PackedSequence input, a PackedSequence with the input's batch_sizes,
+            sorted_indices and unsorted_indices.
+        h_n, c_n: the state after each sequence's last valid step, shaped like h_0 and c_0, in the
+            caller's batch order.
 
     Raises:
-        ValueError: for a bad configuration, as torch.nn.LSTM does.
-        RuntimeError / TypeError: for a bad input, naming the expected and the actual shape/dtype.
+        TypeError: for an argument of the wrong type (bias and batch_first must be bools; the
+            sizes ints), as torch.nn.LSTM does.
+        ValueError: for a bad configuration, as torch.nn.LSTM does; for an input that is not 2-D
+            or 3-D, or whose dtype is not the parameters' (nn.LSTM's types); for lengths with a
+            PackedSequence.
+        RuntimeError: for a bad input size, hx rank, shape, dtype or device, an empty sequence
+            (L = 0), or a PackedSequence of another dtype, as torch.nn.LSTM does; for a length
+            below 1, as pack_padded_sequence does, and for what it does not check: a length above
+            L, lengths of a float or bool dtype or not shaped (N,). Each message names the
+            expected and the actual.
     """
 
     __jit_unused_properties__: ClassVar = ["config"]
@@ -220,7 +239,7 @@ class LSTM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_config(input_size, hidden_size, num_layers, dropout, proj_size)
+        check_config(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -346,15 +365,27 @@ class LSTM(nn.Module):
                 s += f", {key}={value}"
         return s
 
+    @torch.jit.unused
+    def _forward_packed(
+        self, input: Any, hx: Optional[Tuple[Tensor, Tensor]], lengths: Optional[Tensor]
+    ) -> Any:
+        # Eager only: TorchScript drops forward's `not torch.jit.is_scripting()` branch that calls
+        # this before compiling it, and jit.unused keeps this body (PackedSequence in and out,
+        # which TorchScript cannot type) out of any compilation.
+        dtype = self._w_ih[0].dtype
+        return forward_packed(self.forward, input, hx, lengths, self.batch_first, dtype)
+
     def forward(
         self,
         input: Tensor,
         hx: Optional[Tuple[Tensor, Tensor]] = None,
         lengths: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        if not torch.jit.is_scripting() and isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx, lengths)
         d = 2 if self.bidirectional else 1
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
-        check_input(input, self.input_size, self._w_ih[0])
+        check_input(input, hx, self.input_size, self._w_ih[0])
         is_batched = input.dim() == 3
         x = input if is_batched else input.unsqueeze(1)  # (T, B, I) or (B, T, I)
         if self.batch_first and is_batched:
@@ -367,14 +398,14 @@ class LSTM(nn.Module):
         else:
             h0, c0 = hx
             if not is_batched:
-                check_unbatched_state(h0, c0)
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             check_state(h0, "h_0", (self.num_layers * d, batch, h_out), x)
             check_state(c0, "c_0", (self.num_layers * d, batch, self.hidden_size), x)
+        check_steps(steps)
 
         padded: Optional[Tensor] = None  # lengths, unless every sequence is full length
         if lengths is not None and check_lengths(lengths, batch, steps) < steps:
-            padded = lengths.to(x.device)
+            padded = lengths.to(device=x.device, dtype=torch.int64)
 
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []

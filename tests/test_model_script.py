@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MODEL_CONFIGS, config_id
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 from lstm_deploy import LSTM
 
@@ -48,3 +49,32 @@ def test_scripted_module_raises_clear_errors() -> None:
         scripted(torch.randn(2, 2, 3))
     with pytest.raises(torch.jit.Error, match=r"every length must be in \[1, 2\]"):
         scripted(torch.randn(2, 1, INPUT), None, torch.tensor([3]))
+
+
+def test_scripted_errors_name_dtypes_as_eager_does() -> None:
+    # TorchScript formats a dtype as a number ("6"); the messages must still say torch.float32.
+    model = LSTM(INPUT, HIDDEN)
+    scripted = torch.jit.script(model)
+    calls = [
+        lambda m: m(torch.randn(2, 1, INPUT, dtype=torch.float64)),
+        lambda m: m(torch.randn(2, 1, INPUT), (torch.zeros(1, 1, HIDDEN).half(), torch.zeros(1, 1, HIDDEN))),
+        lambda m: m(torch.randn(2, 1, INPUT), None, torch.ones(1, dtype=torch.bool)),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises((ValueError, RuntimeError)) as eager:
+            call(model)
+        assert "torch.float" in str(eager.value) or "torch.bool" in str(eager.value)
+        with pytest.raises(torch.jit.Error) as script:
+            call(scripted)
+        assert str(eager.value) in str(script.value)
+
+
+def test_packed_sequence_is_eager_only() -> None:
+    # The scripted forward keeps one signature, input: Tensor, with lengths= for padding.
+    model = LSTM(INPUT, HIDDEN)
+    scripted = torch.jit.script(model)
+    packed = pack_sequence([torch.randn(3, INPUT), torch.randn(2, INPUT)])
+    assert isinstance(model(packed)[0], PackedSequence)
+    assert "PackedSequence" not in scripted.code
+    with pytest.raises(RuntimeError, match="type 'Tensor' for argument 'input'"):
+        scripted(packed)
