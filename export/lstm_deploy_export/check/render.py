@@ -81,8 +81,7 @@ def table(report: Report) -> str:
         f"max |Δ| vs the float64 oracle"
     )
     rule = "-" * max(sum(widths[:3]) + 24, len(fmt(header)))
-    notes = [f"note: {r.runtime} {r.artifact}: {r.note}" for r in report.rows if r.note]
-    return "\n".join([title, fmt(header), rule, *lines, rule, LEGEND, *notes, verdict(report)])
+    return "\n".join([title, fmt(header), rule, *lines, rule, LEGEND, verdict(report)])
 
 
 def _sweep_words(report: Report) -> str:
@@ -120,7 +119,6 @@ def markdown(report: Report) -> str:
         else:
             cells += _cells(report, r)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += [f"\nNote: {r.runtime} {r.artifact}: {r.note}" for r in report.rows if r.note]
     lines += ["", "## Failures", ""]
     lines += [f"- {failure_line(f).removeprefix('-[x] ')}" for f in report.failures] or ["None."]
     lines += [
@@ -179,7 +177,6 @@ def _row_json(report: Report, r: Row) -> dict[str, Any]:
         "description": r.description,
         "status": r.status,
         "reason": r.reason,
-        "note": r.note,
         "tolerance": dataclasses.asdict(r.tolerance) if r.tolerance else None,
         "seconds": round(r.seconds, 3),
         "summary": summary if r.results else None,
@@ -229,8 +226,6 @@ def parity_summary(report: Report, report_path: str | None) -> dict[str, Any]:
         if r.status == SKIPPED:
             entry["reason"] = r.reason
         else:
-            if r.note:
-                entry["note"] = r.note
             worst = [s["max_abs"] for s in map(r.summary, report.outputs) if s is not None]
             entry["max_abs"] = max(worst, default=None)
         rows.append(entry)

@@ -60,7 +60,6 @@ class Row:
     description: str
     status: str = SKIPPED
     reason: str | None = None  # why skipped
-    note: str | None = None  # a limit of the runtime: cases it did not run, and why
     tolerance: Tolerance | None = None
     results: list[CaseResult] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)

@@ -104,8 +104,6 @@ class Runtime:
     make: Callable[[Bundle, Context], Runner]
     reference: bool = False  # bench's reference (torch.nn.LSTM), not a validate row
     untimed: str | None = None  # why bench does not time it
-    max_steps: int | None = None  # validate runs it on cases of at most this many steps
-    limit: str | None = None  # ... and why
 
     def unavailable(self, bundle: Bundle, context: Context) -> str | None:
         """Why this row is skipped for `bundle` here, or None when it can run."""
@@ -390,7 +388,6 @@ _NO_CPP_TIMING = (
 )
 
 _REFERENCE_SPEED = "a reference implementation in numpy, written to be read, not to be fast"
-_REFERENCE_LIMIT = "T <= 64 only: its GatherElements (np.choose) takes 64 indices at most"
 
 # The registry. Its order is the report's.
 RUNTIMES = (
@@ -416,10 +413,10 @@ RUNTIMES = (
             _openvino(SCAN_ONNX)),
     Runtime("onnx-reference", ONNX, "model.onnx (onnx reference)", "cpu", FLOAT32,
             "onnx.reference.ReferenceEvaluator (numpy)", _always, _onnx_reference(ONNX),
-            untimed=_REFERENCE_SPEED, max_steps=64, limit=_REFERENCE_LIMIT),
+            untimed=_REFERENCE_SPEED),
     Runtime("onnx-reference", SCAN_ONNX, "model.scan.onnx (onnx reference)", "cpu", FLOAT32,
             "onnx.reference.ReferenceEvaluator (numpy)", _always, _onnx_reference(SCAN_ONNX),
-            untimed=_REFERENCE_SPEED, max_steps=64, limit=_REFERENCE_LIMIT),
+            untimed=_REFERENCE_SPEED),
     Runtime("torchscript-cuda", TORCHSCRIPT, "model.pt (cuda)", "cuda", CUDA_FLOAT32,
             "torch.jit.load, CUDA, TF32 off", cuda_unavailable, _torchscript("cuda")),
     Runtime("onnxruntime-cuda", ONNX, "model.onnx (ORT CUDA)", "cuda", CUDA_FLOAT32,

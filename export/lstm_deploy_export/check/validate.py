@@ -123,10 +123,10 @@ def validate(
     with context.stack:
         loaded = [(entry, *_load(entry, bundle, context, tolerances)) for entry in entries]
         rows = [row for _, row, _ in loaded]
-        active = [(entry, runner, row) for entry, row, runner in loaded if runner is not None]
+        active = [(runner, row) for _, row, runner in loaded if runner is not None]
         bar = tqdm(
-            total=sum(len(_cases_of(entry, cases)) for entry, _, _ in active), desc="validate",
-            unit="run", file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True,
+            total=len(cases) * len(active), desc="validate", unit="run", file=sys.stderr,
+            disable=not progress, leave=False, dynamic_ncols=True,
         )  # fmt: skip
         with _one_thread(), bar:
             for case in cases:
@@ -135,9 +135,7 @@ def validate(
                 checks.append(check)
                 failures += check.pop("failures")
                 pad = padding_mask(inputs[LENGTHS], case.steps)
-                for entry, runner, row in active:
-                    if case not in _cases_of(entry, [case]):
-                        continue
+                for runner, row in active:
                     bar.set_postfix_str(
                         f"T={case.steps} B={case.batch} {row.runtime} {row.artifact}"
                     )
@@ -147,10 +145,7 @@ def validate(
                     bar.update()
 
     by_id = {c.id: c for c in cases}
-    for entry, row, _ in loaded:
-        ran = len(_cases_of(entry, cases))
-        if row.results and ran < len(cases):
-            row.note = f"ran {ran} of {len(cases)} cases: {entry.limit}"
+    for row in rows:
         if row.results:
             row.failures = _row_failures(row, by_id, sig.output_names)
             row.status = FAILED if row.failures else PASSED
@@ -171,11 +166,6 @@ def validate(
     if write:
         _write(report, bundle, Path(report_dir) if report_dir is not None else bundle.path)
     return report
-
-
-def _cases_of(entry: Runtime, cases: list[Case]) -> list[Case]:
-    """The cases that `entry` runs: all, or those within its `max_steps`."""
-    return [c for c in cases if entry.max_steps is None or c.steps <= entry.max_steps]
 
 
 def _load(

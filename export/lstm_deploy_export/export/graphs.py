@@ -70,9 +70,29 @@ def _freeze_column(hidden_size: int, like: Tensor) -> Tensor:
     return torch.cat([like.new_full((hidden_size, 1), v) for v in blocks])  # (4H, 1)
 
 
+# Time steps are picked as whole rows of a (T * B, F) view, with Gather: ONNX Runtime runs it much
+# faster than GatherElements with a (T, B, F) index, and onnx's reference evaluator takes any T
+# (its GatherElements, np.choose, takes at most 64 along an axis).
+
+
+def _lengths_rows(lengths: Tensor, steps: int, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """valid (T, B): t < length; the rows that reverse each sequence within its length (T * B,),
+    its own inverse; the rows of each sequence's last valid step (B,)."""
+    t = torch.arange(steps, device=lengths.device).unsqueeze(1)  # (T, 1)
+    b = torch.arange(batch, device=lengths.device)
+    valid = t < lengths.unsqueeze(0)
+    order = torch.where(valid, lengths.unsqueeze(0) - 1 - t, t)  # (T, B)
+    return valid, (order * batch + b).reshape(-1), (lengths - 1) * batch + b
+
+
 def _rows(x: Tensor, rows: Tensor) -> Tensor:
     """(T, B, F) x with its (T * B) rows taken in the order `rows`."""
     return x.reshape(-1, x.shape[2]).index_select(0, rows).reshape(x.shape)
+
+
+def _at(x: Tensor, rows: Tensor) -> Tensor:
+    """(B, F): the rows `rows` of (T, B, F) x, one per sequence."""
+    return x.reshape(-1, x.shape[2]).index_select(0, rows)
 
 
 class NativeOnnxLSTM(nn.Module):
@@ -122,16 +142,10 @@ class NativeOnnxLSTM(nn.Module):
         d, h = self.num_directions, self.hidden_size
         x = input.transpose(0, 1)  # (T, B, I)
         steps, batch = x.shape[0], x.shape[1]
-        t = torch.arange(steps, device=x.device).unsqueeze(1)  # (T, 1)
-        valid = (t < lengths.unsqueeze(0)).unsqueeze(2)  # (T, B, 1)
-        # The rows of a (T * B, F) view that reverse each sequence within its length: a Gather of
-        # whole rows, much cheaper in ONNX Runtime than GatherElements with a (T, B, F) index.
-        order = torch.where(valid.squeeze(2), lengths.unsqueeze(0) - 1 - t, t)  # (T, B)
-        rows = (order * batch + torch.arange(batch, device=x.device)).reshape(-1)  # (T * B,)
+        valid, rows, last = _lengths_rows(lengths, steps, batch)
         # Masks as a float product, not Where: ONNX Runtime's broadcasting Where is ~3x slower.
-        keep = valid.to(x.dtype)  # (T, B, 1): 1 at valid steps
+        keep = valid.unsqueeze(2).to(x.dtype)  # (T, B, 1): 1 at valid steps
         pad = 1.0 - keep  # the extra input feature
-        last = (lengths - 1).view(1, -1, 1).expand(1, batch, h)  # (1, B, H)
         sequence_lens = lengths.to(torch.int32)  # the op's type for sequence_lens
         # Padding may hold anything finite: zeroed, it cannot outweigh the pad flag's saturation.
         # Later layers' padded inputs are earlier layers' outputs there: bounded (|h| < 1).
@@ -160,7 +174,7 @@ class NativeOnnxLSTM(nn.Module):
                     shapes=[[steps, 1, batch, h], [1, batch, h], [1, batch, h]],
                 )  # y: (T, 1, B, H); y_c: (1, B, H), c at step length - 1 (frozen after it)
                 y = y.squeeze(1)  # (T, B, H)
-                h_n.append(y.gather(0, last).squeeze(0))  # h at step length - 1
+                h_n.append(_at(y, last))  # h at step length - 1
                 c_n.append(y_c.squeeze(0))
                 if direction == 1:
                     y = _rows(y, rows)  # back to time order (the reversal is its own inverse)
@@ -193,10 +207,7 @@ class ScanOnnxLSTM(nn.Module):
         m = self.lstm
         d = 2 if m.bidirectional else 1
         x = input.transpose(0, 1)  # (T, B, I)
-        steps = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (T, 1)
-        valid = steps < lengths.unsqueeze(0)  # (T, B)
-        reverse_order = torch.where(valid, lengths.unsqueeze(0) - 1 - steps, steps).unsqueeze(2)
-        last = (lengths - 1).view(1, -1, 1)  # (1, B, 1)
+        valid, rows, last = _lengths_rows(lengths, x.shape[0], x.shape[1])
         h_n, c_n = [], []
         for layer in range(m.num_layers):
             outputs = []
@@ -205,7 +216,7 @@ class ScanOnnxLSTM(nn.Module):
                 bias = m._b_ih[k] + m._b_hh[k] if m.bias else None
                 xw = F.linear(x, m._w_ih[k], bias)  # (T, B, 4H)
                 if direction == 1:
-                    xw = xw.gather(0, reverse_order.expand_as(xw))
+                    xw = _rows(xw, rows)
                 w_hh = m._w_hh[k]
                 w_hr = m._w_hr[k] if m.proj_size > 0 else None
 
@@ -216,13 +227,11 @@ class ScanOnnxLSTM(nn.Module):
                     return (h, c), (h.clone(), c.clone())  # HOPs forbid aliased outputs
 
                 _, (out, cells) = scan(step, (h0[:, k].contiguous(), c0[:, k].contiguous()), xw)
-                h_n.append(out.gather(0, last.expand(1, out.shape[1], out.shape[2])).squeeze(0))
-                c_n.append(
-                    cells.gather(0, last.expand(1, cells.shape[1], cells.shape[2])).squeeze(0)
-                )
+                h_n.append(_at(out, last))
+                c_n.append(_at(cells, last))
                 if direction == 1:
-                    out = out.gather(0, reverse_order.expand_as(out))  # back to time order
+                    out = _rows(out, rows)  # back to time order
                 outputs.append(out)
             x = outputs[0] if d == 1 else torch.cat(outputs, 2)  # (T, B, D * H_out)
-        output = torch.where(valid.unsqueeze(2), x, torch.zeros((), dtype=x.dtype))
+        output = x * valid.unsqueeze(2).to(x.dtype)  # padded outputs are 0
         return output.transpose(0, 1), torch.stack(h_n, 1), torch.stack(c_n, 1)
