@@ -17,6 +17,17 @@ from lstm_deploy import LSTM
 INPUT, HIDDEN = 4, 6
 
 
+def _pair(
+    num_layers: int, bidirectional: bool, batch_first: bool, proj_size: int
+) -> tuple[nn.LSTM, LSTM]:
+    """A float64 torch.nn.LSTM and ours with its weights."""
+    ref = nn.LSTM(
+        INPUT, HIDDEN, num_layers, batch_first=batch_first, bidirectional=bidirectional,
+        proj_size=proj_size, dtype=torch.float64,
+    )  # fmt: skip
+    return ref, LSTM.from_torch(ref)
+
+
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -29,11 +40,7 @@ INPUT, HIDDEN = 4, 6
 def test_matches_packed_torch_lstm(
     num_layers: int, bidirectional: bool, batch_first: bool, proj_size: int, lengths: list[int]
 ) -> None:
-    ref = nn.LSTM(
-        INPUT, HIDDEN, num_layers, batch_first=batch_first, bidirectional=bidirectional,
-        proj_size=proj_size, dtype=torch.float64,
-    )  # fmt: skip
-    model = LSTM.from_torch(ref)
+    ref, model = _pair(num_layers, bidirectional, batch_first, proj_size)
     steps, batch = 9, len(lengths)
     x = torch.randn(
         (batch, steps, INPUT) if batch_first else (steps, batch, INPUT), dtype=torch.float64
@@ -110,11 +117,7 @@ def test_packed_sequence_matches_torch_lstm(
     lengths: list[int],
     enforce_sorted: bool,
 ) -> None:
-    ref = nn.LSTM(
-        INPUT, HIDDEN, num_layers, batch_first=batch_first, bidirectional=bidirectional,
-        proj_size=proj_size, dtype=torch.float64,
-    )  # fmt: skip
-    model = LSTM.from_torch(ref)
+    ref, model = _pair(num_layers, bidirectional, batch_first, proj_size)
     batch, steps = len(lengths), max(lengths)
     x = torch.randn(
         (batch, steps, INPUT) if batch_first else (steps, batch, INPUT), dtype=torch.float64
