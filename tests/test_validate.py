@@ -378,7 +378,7 @@ def test_cuda_rows_pass(exported: Path, tmp_path: Path) -> None:
 
 
 def test_tf32_switch_restores_the_flags() -> None:
-    from lstm_deploy_export.check.runtimes import torch_tf32
+    from lstm_deploy_export.check.runners import torch_tf32
 
     before = (
         torch.backends.cuda.matmul.allow_tf32,

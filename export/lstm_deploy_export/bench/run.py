@@ -26,7 +26,9 @@ import torch
 from lstm_deploy.bundle import OUTPUT, Bundle, load_bundle
 from lstm_deploy.config import LSTMConfig
 from lstm_deploy_export.bench import report as bench_report
-from lstm_deploy_export.check.runtimes import RUNTIMES, TF32, Context, Runner, Runtime
+from lstm_deploy_export.check.compare import TF32
+from lstm_deploy_export.check.runners import Context, Runner
+from lstm_deploy_export.check.runtimes import RUNTIMES, Runtime
 from lstm_deploy_export.check.sweep import Case, make_inputs
 
 DEFAULT_GRID = {"batch": [1, 16, 64], "steps": [16, 128, 512], "hidden": [128, 256, 512]}
@@ -148,7 +150,7 @@ def present(bundle: Bundle, plan: Plan) -> list[Runtime]:
 def load_backends(bundle: Bundle, plan: Plan) -> dict[str, Runner]:
     """{label: runner} for the plan's backends that the bundle has, in the plan's order."""
     context = Context(threads=plan.threads)
-    return {entry.label: entry.load(bundle, context) for entry in present(bundle, plan)}
+    return {entry.label: entry.make(bundle, context) for entry in present(bundle, plan)}
 
 
 def cell_inputs(config: LSTMConfig, cell: Cell, seed: int) -> Arrays:

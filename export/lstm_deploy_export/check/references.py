@@ -16,7 +16,7 @@ import torch
 
 from lstm_deploy.bundle import Signature
 from lstm_deploy.model import LSTM
-from lstm_deploy_export.check.runtimes import Arrays, arrays, nn_lstm, nn_lstm_call, torch_inputs
+from lstm_deploy_export.check.runners import Arrays, arrays, nn_lstm, nn_lstm_call, torch_inputs
 from lstm_deploy_export.export.graphs import DeployLSTM
 
 

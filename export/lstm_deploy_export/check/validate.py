@@ -54,14 +54,8 @@ from lstm_deploy_export.check.report import (
     Report,
     Row,
 )
-from lstm_deploy_export.check.runtimes import (
-    RUNTIMES,
-    Arrays,
-    Context,
-    Runner,
-    Runtime,
-    Unavailable,
-)
+from lstm_deploy_export.check.runners import Arrays, Context, Runner, Unavailable
+from lstm_deploy_export.check.runtimes import RUNTIMES, Runtime
 from lstm_deploy_export.check.sweep import Case, make_inputs, padding_mask, sweep
 from lstm_deploy_export.export.writer import load_model
 
@@ -177,7 +171,7 @@ def _load(
     if row.reason is not None:
         return row, None
     try:
-        runner = entry.load(bundle, context)
+        runner = entry.make(bundle, context)
     except Unavailable as e:
         row.reason = str(e)
         return row, None
