@@ -115,9 +115,9 @@ def validate(
     checks: list[dict[str, Any]] = []
     failures: list[Failure] = []
     with context.stack:
-        loaded = [(entry, *_load(entry, bundle, context, tolerances)) for entry in entries]
-        rows = [row for _, row, _ in loaded]
-        active = [(runner, row) for _, row, runner in loaded if runner is not None]
+        loaded = [_load(entry, bundle, context, tolerances) for entry in entries]
+        rows = [row for row, _ in loaded]
+        active = [(runner, row) for row, runner in loaded if runner is not None]
         bar = tqdm(
             total=len(cases) * len(active), desc="validate", unit="run", file=sys.stderr,
             disable=not progress, leave=False, dynamic_ncols=True,
