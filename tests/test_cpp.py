@@ -81,8 +81,7 @@ def test_cpp_matches_python(
 ) -> None:
     model = bundle_dir / MODEL_FILE[program]
     inputs = make_inputs(steps)
-    run = programs.run_torchscript if program == TORCHSCRIPT else programs.run_onnxruntime
-    got = run(model, inputs)
+    got = programs.run(program, model, inputs)
     expected = python_run(program, model, inputs)
     assert list(got) == ["output", "hn", "cn"]
     for (name, actual), want in zip(got.items(), expected):
@@ -95,8 +94,8 @@ def test_cpp_matches_python(
 
 def test_cpp_runtimes_agree_with_each_other(programs: CppPrograms, bundle_dir: Path) -> None:
     inputs = make_inputs(9, seed=1)
-    a = programs.run_torchscript(bundle_dir / "model.pt", inputs, threads=None)  # the default
-    b = programs.run_onnxruntime(bundle_dir / "model.onnx", inputs, threads=2)
+    a = programs.run(TORCHSCRIPT, bundle_dir / "model.pt", inputs, threads=None)  # the default
+    b = programs.run(ONNXRUNTIME, bundle_dir / "model.onnx", inputs, threads=2)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=ATOL, err_msg=name)
 
@@ -231,9 +230,9 @@ def test_a_model_size_mismatch_is_a_clear_cpp_error(
     inputs = make_inputs(4)
     inputs["input"] = np.zeros((5, 4, INPUT_SIZE + 1), np.float32)
     with pytest.raises(CppError, match=r"lstm_torchscript failed \(exit 1\): .*input_size"):
-        programs.run_torchscript(bundle_dir / "model.pt", inputs)
+        programs.run(TORCHSCRIPT, bundle_dir / "model.pt", inputs)
     with pytest.raises(CppError, match=r"lstm_onnxruntime failed \(exit 1\): .*Expected: 5"):
-        programs.run_onnxruntime(bundle_dir / "model.onnx", inputs)
+        programs.run(ONNXRUNTIME, bundle_dir / "model.onnx", inputs)
 
 
 # --- the Python side without a build ---------------------------------------------------------
@@ -242,16 +241,18 @@ def test_a_model_size_mismatch_is_a_clear_cpp_error(
 def test_an_unavailable_program_raises_its_reason() -> None:
     none = CppPrograms(unavailable={ONNXRUNTIME: "ONNX Runtime headers not found"})
     with pytest.raises(CppError, match="lstm_onnxruntime is not available: ONNX Runtime headers"):
-        none.run_onnxruntime(Path("model.onnx"), make_inputs(2))
+        none.run(ONNXRUNTIME, Path("model.onnx"), make_inputs(2))
 
 
 def test_inputs_are_checked_against_the_signature(programs: CppPrograms) -> None:
     inputs = make_inputs(2)
     with pytest.raises(ValueError, match="inputs must be"):
-        programs.run_onnxruntime(Path("model.onnx"), {"input": inputs["input"]})
+        programs.run(ONNXRUNTIME, Path("model.onnx"), {"input": inputs["input"]})
     with pytest.raises(ValueError, match="lengths must be int64, got int32"):
-        programs.run_onnxruntime(
-            Path("model.onnx"), {**inputs, "lengths": inputs["lengths"].astype(np.int32)}
+        programs.run(
+            ONNXRUNTIME,
+            Path("model.onnx"),
+            {**inputs, "lengths": inputs["lengths"].astype(np.int32)},
         )
 
 

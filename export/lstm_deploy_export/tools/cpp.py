@@ -1,8 +1,8 @@
 """Build and run the C++ programs of `export/cpp/` (LibTorch and ONNX Runtime C++ API).
 
 `build()` compiles them with CMake, cached in a build directory, and returns `CppPrograms`, whose
-`run_torchscript` / `run_onnxruntime` run a bundle's model on numpy inputs through the programs'
-.npy files. Where they come from:
+`run(program, model, inputs)` runs a bundle's model on numpy inputs through the programs' .npy
+files. Where they come from:
 
 - LibTorch: the installed torch wheel's headers, libraries and CMake files.
 - ONNX Runtime: the installed onnxruntime wheel's `libonnxruntime.so.1.x.y`; the wheel has no
@@ -75,36 +75,6 @@ class CppPrograms:
     paths: dict[str, Path] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
 
-    def run_torchscript(
-        self,
-        model_pt: Path,
-        inputs: Mapping[str, np.ndarray],
-        *,
-        threads: int | None = 1,
-        timeout: float = 600,
-    ) -> dict[str, np.ndarray]:
-        """Run `model.pt` with LibTorch; inputs and outputs are named as the signature.
-
-        threads: the program's intra-op threads. One by default: an LSTM step is many small ops,
-        and on a busy machine a second thread mostly waits at barriers (seconds at T=300); None
-        leaves LibTorch's default.
-        """
-        return self.run(TORCHSCRIPT, model_pt, inputs, threads=threads, timeout=timeout)
-
-    def run_onnxruntime(
-        self,
-        model_onnx: Path,
-        inputs: Mapping[str, np.ndarray],
-        *,
-        threads: int | None = 1,
-        timeout: float = 600,
-    ) -> dict[str, np.ndarray]:
-        """Run `model.onnx` with the ONNX Runtime C++ API (CPU execution provider).
-
-        threads: as for `run_torchscript`.
-        """
-        return self.run(ONNXRUNTIME, model_onnx, inputs, threads=threads, timeout=timeout)
-
     def run(
         self,
         program: str,
@@ -114,7 +84,14 @@ class CppPrograms:
         threads: int | None = 1,
         timeout: float = 600,
     ) -> dict[str, np.ndarray]:
-        """Run `program` (a key of `PROGRAMS`) on `model`; see `run_torchscript`."""
+        """Run `program` (a key of `PROGRAMS`) on `model`: model.pt with LibTorch
+        (`lstm_torchscript`), model.onnx with the ONNX Runtime C++ API, CPU execution provider
+        (`lstm_onnxruntime`). Inputs and outputs are named as the signature.
+
+        threads: the program's intra-op threads. One by default: an LSTM step is many small ops,
+        and on a busy machine a second thread mostly waits at barriers (seconds at T=300); None
+        leaves the library's default.
+        """
         if program not in self.paths:
             reason = self.unavailable.get(program, "not built")
             raise CppError(f"{program} is not available: {reason}")
