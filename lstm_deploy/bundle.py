@@ -255,6 +255,27 @@ class Bundle:
             raise BundleError(f"{self.path}: the bundle has no {name} (its manifest lists none)")
         return self.path / name
 
+    def verify(self, only: Iterable[str] | None = None) -> None:
+        """Check the size and sha256 of every listed file, or of `only` (see `load_bundle`)."""
+        names = list(self.manifest["files"])
+        if only is not None:
+            selected = []
+            for want in only:
+                found = [
+                    n for n in names if n == want or (want.endswith("/") and n.startswith(want))
+                ]
+                if not found:
+                    raise BundleError(
+                        f"{self.path}: the bundle has no {want} (its manifest lists none; "
+                        "re-export it with that artifact)"
+                    )
+                selected += found
+            names = list(dict.fromkeys(selected))
+        files = self.manifest["files"]
+        problems = [p for p in (_verify(self.path, n, files[n]) for n in names) if p]
+        if problems:
+            raise BundleError(f"{self.path}: bundle verification failed: " + "; ".join(problems))
+
     def write_manifest(self) -> None:
         """Write the manifest (not itself in "files": it holds their checksums)."""
         check_manifest(self.manifest)
@@ -290,24 +311,13 @@ def load_bundle(path: str | Path, only: Iterable[str] | None = None) -> Bundle:
         manifest = check_manifest(data)
     except BundleError as e:
         raise BundleError(f"{root}: {e}") from None
-    names = list(manifest["files"])
-    problems = [p for p in (_confined(root, n) for n in names) if p]  # every file, always
-    if only is not None:
-        selected = []
-        for want in only:
-            found = [n for n in names if n == want or (want.endswith("/") and n.startswith(want))]
-            if not found:
-                raise BundleError(
-                    f"{root}: the bundle has no {want} (its manifest lists none; re-export it "
-                    "with that artifact)"
-                )
-            selected += found
-        names = list(dict.fromkeys(selected))
-    if not problems:
-        problems = [p for p in (_verify(root, n, manifest["files"][n]) for n in names) if p]
-    if problems:
-        raise BundleError(f"{root}: bundle verification failed: " + "; ".join(problems))
-    return Bundle(root, manifest)
+    outside = [p for p in (_confined(root, n) for n in manifest["files"]) if p]  # always all
+    if outside:
+        raise BundleError(f"{root}: bundle verification failed: " + "; ".join(outside))
+    bundle = Bundle(root, manifest)
+    bundle.verify(only)
+    return bundle
+    return bundle
 
 
 def _confined(root: Path, name: str) -> str | None:

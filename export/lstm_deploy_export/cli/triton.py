@@ -60,10 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:  # by default the served models this bundle has (no stateful one if bidirectional)
-        exported = load_bundle(args.bundle, only=()).manifest.get("triton", {})
+    try:
+        bundle = load_bundle(args.bundle, only=())  # its files: by check_repository, below
     except BundleError as e:
         raise UsageError(str(e)) from None
+    # By default the served models this bundle has (no stateful one if bidirectional).
+    exported = bundle.manifest.get("triton", {})
     models = args.models or [m for m in SERVED_MODELS if m in exported]
     if not models:
         raise UsageError(
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server as Ctrl-C does
     try:
         server = TritonServer(
-            check_repository(args.bundle, models),
+            check_repository(bundle, models),
             models,
             python=args.python,
             http_port=args.port,

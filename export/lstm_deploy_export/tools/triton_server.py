@@ -40,16 +40,16 @@ def check_repository(bundle: Bundle | str | Path, models: Iterable[str] = SERVED
 
     Raises BundleError (through `load_bundle`) or TritonSetupError for a model not exported.
     """
-    root = bundle.path if isinstance(bundle, Bundle) else Path(bundle)
-    manifest = load_bundle(root, only=()).manifest  # the schema; the files are checked below
-    missing = [m for m in models if m not in manifest.get("triton", {})]
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, only=())  # the schema and paths; the files are checked below
+    missing = [m for m in models if m not in bundle.manifest.get("triton", {})]
     if missing:
         raise TritonSetupError(
-            f"{root} has no Triton model {', '.join(missing)}: re-export it with this "
+            f"{bundle.path} has no Triton model {', '.join(missing)}: re-export it with this "
             "lstm-deploy (with the onnx artifact, which the python-backend models run)"
         )
-    load_bundle(root, only=[f"{TRITON_DIR}/{m}/" for m in models])
-    return root / TRITON_DIR
+    bundle.verify([f"{TRITON_DIR}/{m}/" for m in models])
+    return bundle.path / TRITON_DIR
 
 
 # -- the server process ----------------------------------------------------------------------
