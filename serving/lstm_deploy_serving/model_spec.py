@@ -20,7 +20,7 @@ from lstm_deploy.bundle import (
     ONNX,
     Bundle,
     BundleError,
-    TensorSpec,
+    Signature,
     load_bundle,
 )
 
@@ -28,22 +28,13 @@ TRITON_MODEL = "lstm_onnx"  # the key of the served model's config in manifest["
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """The deployed signature, plus the Triton config of the served model."""
+class ModelSpec(Signature):
+    """The deployed signature (inputs, outputs), plus the Triton config of the served model."""
 
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
     triton_config: dict[str, Any]
     # Whether chunks of a sequence may come in separate requests, (h, c) kept between them:
     # not for a bidirectional LSTM, whose backward direction starts at the sequence's last step.
     streamable: bool = True
-
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
 
     @property
     def max_batch_size(self) -> int:
