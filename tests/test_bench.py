@@ -46,8 +46,7 @@ def assert_every_row(result: dict, batches: list[int], steps: list[int], hidden:
     assert result["gemm_peak_gflops"] > 0
     skipped = {s["backend"]: s["reason"] for s in result["skipped"]}
     assert "model.pt (C++ LibTorch)" in skipped and all(skipped.values())
-    if not torch.cuda.is_available():
-        assert "torch.nn.LSTM (cuda)" in skipped
+    assert not any("cuda" in name for name in skipped), "CUDA rows are --device cuda's"
 
 
 def test_quick_exports_times_and_writes_every_row(tmp_path: Path, capsys) -> None:
@@ -76,6 +75,28 @@ def test_bad_arguments_are_usage_errors(bundle: Path, tmp_path: Path, capsys) ->
     assert main(["bench", str(bundle), "--hidden", "16", "--out", str(tmp_path)]) == 2
     assert main(["bench", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "lstm-deploy bench: error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: the GPU run is the test")
+def test_device_cuda_without_cuda_says_why(bundle: Path, tmp_path: Path, capsys) -> None:
+    assert main(["bench", str(bundle), "--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the reference torch.nn.LSTM (cuda) cannot run here: no CUDA device" in err
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_times_the_cuda_rows_against_cudnn(bundle: Path, tmp_path: Path) -> None:
+    result = run_bench(
+        str(bundle), "--device", "cuda", "--batch", "3", "--steps", "5,9", "--repeat", "2",
+        "--warmup", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result["reference"] == "torch.nn.LSTM (cuda)" and result["memory"] == {}
+    rows = {(r["steps"], r["backend"]): r for r in result["rows"]}
+    assert {name for _, name in rows} >= {"torch.nn.LSTM (cuda)", "model.pt (cuda)"}
+    assert all(not r["mismatch"] for r in rows.values()), rows
+    assert all(rows[(t, "torch.nn.LSTM (cuda)")]["ratio"] == 1.0 for t in (5, 9))
 
 
 def test_help_is_the_module_docstring(capsys) -> None:

@@ -27,8 +27,9 @@ def progress(total: int) -> Iterator[Any]:
         yield bar
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per backend: the median, min and max ratio over the grid and the target; the latency cell."""
+def summary(rows: list[dict[str, Any]], reference: str = REFERENCE) -> dict[str, Any]:
+    """Per backend: the median, min and max ratio over the grid and the target; the latency cell.
+    The targets are the CPU ones: they apply when `reference` is the CPU's nn.LSTM."""
     backends: dict[str, Any] = {}
     for name in dict.fromkeys(r["backend"] for r in rows):
         ratios = [r["ratio"] for r in rows if r["backend"] == name]
@@ -38,39 +39,45 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "min_ratio": min(ratios),
             "max_ratio": max(ratios),
         }
-        if name in TARGETS:
+        if name in TARGETS and reference == REFERENCE:
             entry["target"] = TARGETS[name]
             entry["met"] = entry["median_ratio"] >= TARGETS[name]
         backends[name] = entry
     cell = [r for r in rows if all(r[k] == v for k, v in LATENCY_CELL.items())]
     latency = None
     if cell:
-        reference = next(r["median_ms"] for r in cell if r["backend"] == REFERENCE)
+        reference_ms = next(r["median_ms"] for r in cell if r["backend"] == reference)
         latency = {
             "cell": LATENCY_CELL,
             "limit": LATENCY_LIMIT,
             "backends": {
                 r["backend"]: {
                     "median_ms": r["median_ms"],
-                    "latency_ratio": r["median_ms"] / reference,
-                    "met": r["median_ms"] / reference <= LATENCY_LIMIT,
+                    "latency_ratio": r["median_ms"] / reference_ms,
+                    "met": r["median_ms"] / reference_ms <= LATENCY_LIMIT,
                 }
                 for r in cell
-                if r["backend"] != REFERENCE
+                if r["backend"] != reference
             },
         }
     return {"backends": backends, "latency": latency}
 
 
-def method(clock: str) -> dict[str, str]:
+def method(clock: str, reference: str = REFERENCE, device: str = "cpu") -> dict[str, str]:
     """How each number is measured, for bench.json and bench.md."""
+    on_cuda = (
+        "; a CUDA call ends with torch.cuda.synchronize(), ONNX Runtime's takes numpy in and out "
+        "(its host-device copies are timed, as its users run it)"
+    )
     return {
         "time": f"{clock} clock ({'perf_counter' if clock == 'wall' else 'process_time'}) per "
-        "call, after warm-up, backends interleaved; median and interquartile range",
-        "ratio": f"{REFERENCE} median time / the backend's median time (throughput ratio)",
+        "call, after warm-up, backends interleaved; median and interquartile range"
+        + (on_cuda if device == "cuda" else ""),
+        "ratio": f"{reference} median time / the backend's median time (throughput ratio)",
         "flops": "GEMMs only: 2*T*B*4H*(I_l + H_out) per layer and direction "
         "(+ 2*T*B*H*P with a projection)",
-        "gemm_peak": "best of 5 torch.mm (n x n) @ (n x n) float32, same threads, same run",
+        "gemm_peak": f"best of 5 torch.mm (n x n) @ (n x n) float32 on {device}, TF32 off, "
+        "same threads, same run",
         "memory": "per backend, a child process runs the largest cell twice: VmHWM (peak RSS), "
         "and VmHWM minus VmRSS after imports (torch, onnxruntime)",
     }
@@ -81,6 +88,10 @@ def write(result: dict[str, Any], out: Path) -> None:
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "bench.md").write_text(markdown(result))
     plot(result, out / "bench.png")
+
+
+def _reference(result: dict[str, Any]) -> str:
+    return str(result.get("reference", REFERENCE))  # bench.json before --device had none
 
 
 def _backends(result: dict[str, Any]) -> list[str]:
@@ -112,10 +123,10 @@ def summary_table(result: dict[str, Any]) -> str:
         c = latency["cell"]
         text += (
             f"\nLatency at batch {c['batch']}, T {c['steps']}, hidden {c['hidden']} "
-            f"(limit {latency['limit']}x nn.LSTM's):\n\n"
+            f"(limit {latency['limit']}x {_reference(result)}'s):\n\n"
         )
         text += _table(
-            ["backend", "median ms", "x nn.LSTM's latency", ""],
+            ["backend", "median ms", f"x {_reference(result)}'s latency", ""],
             [
                 [n, f"{v['median_ms']:.3f}", f"{v['latency_ratio']:.2f}x",
                  "met" if v["met"] else "NOT met"]
@@ -136,7 +147,7 @@ def cell_table(result: dict[str, Any]) -> str:
             r = by_key.get((*cell, name))
             if r is None:
                 row.append("")
-            elif name == REFERENCE:
+            elif name == _reference(result):
                 row.append(f"{r['median_ms']:.3f} ms")
             else:
                 flag = " (MISMATCH)" if r["mismatch"] else ""
@@ -146,7 +157,7 @@ def cell_table(result: dict[str, Any]) -> str:
 
 
 def full_table(result: dict[str, Any]) -> str:
-    header = ["B", "T", "H", "backend", "median ms", "spread", "rounds", "seq/s", "x nn.LSTM",
+    header = ["B", "T", "H", "backend", "median ms", "spread", "rounds", "seq/s", "ratio",
               "GFLOP/s", "% GEMM peak", "max abs err"]  # fmt: skip
     rows = [
         [str(r["batch"]), str(r["steps"]), str(r["hidden"]), r["backend"],
@@ -165,8 +176,9 @@ def _spread(row: dict[str, Any]) -> str:
 
 def _header(result: dict[str, Any]) -> str:
     m = result["machine"]
+    gpu = f"{m['gpu']} (CUDA {m['cuda']}), " if "gpu" in m else ""
     return (
-        f"{m['cpu']}, {m['cores']} cores, {m['threads']} thread(s) per backend, "
+        f"{gpu}{m['cpu']}, {m['cores']} cores, {m['threads']} thread(s) per backend, "
         f"{result['clock']} clock; torch "
         f"{m['torch']}, onnxruntime {m['onnxruntime']}; GEMM peak {result['gemm_peak_gflops']:.0f}"
         f" GFLOP/s (torch.mm); load average at the start {_load(m)}.\n"
@@ -203,9 +215,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`; full lengths; models: "
         + "; ".join(_model(c) for c in result["models"].values())
         + ".\n",
-        "## Targets (throughput ratio to torch.nn.LSTM, median over the grid)\n",
+        f"## Targets (throughput ratio to {_reference(result)}, median over the grid)\n",
         summary_table(result),
-        "## Per cell: nn.LSTM's median time, each backend's throughput ratio to it\n",
+        f"## Per cell: {_reference(result)}'s median time, each backend's throughput ratio to it\n",
         cell_table(result),
         "## Every number (spread: ± half the interquartile range)\n",
         full_table(result),
@@ -252,7 +264,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     for r in rows
                     if r["backend"] == name and r["batch"] == batch and r["hidden"] == hidden
                 )
-                style = {"linewidth": 2.5, "color": "black"} if name == REFERENCE else {}
+                style = {"linewidth": 2.5, "color": "black"} if name == _reference(result) else {}
                 ax.plot(*zip(*points), marker="o", label=name, **style)
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({r["steps"] for r in rows}))
@@ -269,7 +281,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     m = result["machine"]
-    fig.suptitle(f"lstm-deploy bench: {m['cpu']}, {m['threads']} thread(s)", fontsize=11)
+    where = m.get("gpu") or f"{m['cpu']}, {m['threads']} thread(s)"
+    fig.suptitle(f"lstm-deploy bench: {where}", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)

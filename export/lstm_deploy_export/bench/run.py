@@ -27,13 +27,14 @@ from lstm_deploy.bundle import OUTPUT, Bundle, load_bundle
 from lstm_deploy.config import LSTMConfig
 from lstm_deploy_export.bench import report as bench_report
 from lstm_deploy_export.check.compare import TF32
-from lstm_deploy_export.check.runners import Context, Runner
+from lstm_deploy_export.check.runners import Context, Runner, synced
 from lstm_deploy_export.check.runtimes import RUNTIMES, Runtime
 from lstm_deploy_export.check.sweep import Case, make_inputs
 
 DEFAULT_GRID = {"batch": [1, 16, 64], "steps": [16, 128, 512], "hidden": [128, 256, 512]}
 QUICK_GRID = {"batch": [1, 8], "steps": [8, 32], "hidden": [32]}
 REFERENCE = bench_report.REFERENCE
+REFERENCES = {"cpu": REFERENCE, "cuda": "torch.nn.LSTM (cuda)"}  # per device: cuDNN on CUDA
 BACKENDS = [r for r in RUNTIMES if r.precision != TF32]
 TIMED = [r.label for r in BACKENDS if r.untimed is None]
 CPU_BACKENDS = [r.label for r in BACKENDS if r.untimed is None and r.device == "cpu"]
@@ -61,7 +62,12 @@ class Plan:
     threads: int = 1
     clock: str = "wall"  # or "cpu": the process's CPU time (one thread only)
     peak_size: int = 1024  # of the GEMM that measures the peak
+    device: str = "cpu"  # where the reference and the default backends run: "cpu" or "cuda"
     skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def reference(self) -> str:
+        return REFERENCES[self.device]
 
     @property
     def timer(self) -> Callable[[], float]:
@@ -69,44 +75,56 @@ class Plan:
 
     @classmethod
     def make(cls, backends: Sequence[str] | None, **kwargs: Any) -> Plan:
-        """A plan for `backends` (default: all); those that cannot run here go to `skipped`."""
-        wanted = list(backends) if backends else TIMED
-        if set(wanted) - set(TIMED) or REFERENCE not in wanted:
-            raise ValueError(f"backends must include {REFERENCE} and name only {','.join(TIMED)}")
+        """A plan for `backends` (default: all of the plan's device); those that cannot run here go
+        to `skipped`. Raises ValueError for unknown names, or a reference that is missing or
+        cannot run here."""
         plan = cls(backends=[], **kwargs)
+        wanted = list(backends) if backends else [
+            r.label for r in BACKENDS if r.untimed is None and r.device == plan.device
+        ]  # fmt: skip
+        if set(wanted) - set(TIMED) or plan.reference not in wanted:
+            raise ValueError(
+                f"--backends must include {plan.reference} (the reference on {plan.device}) and "
+                f"name only {','.join(TIMED)}"
+            )
         context = Context(threads=plan.threads)
         for entry in BACKENDS:
-            reason = entry.untimed or entry.available(context)
-            if entry.untimed is None and entry.label not in wanted:
+            if entry.label not in wanted and (entry.untimed is None or entry.device != plan.device):
                 continue
+            reason = entry.untimed or entry.available(context)
             if reason is None:
                 plan.backends.append(entry.label)
             else:
                 plan.skipped.append({"backend": entry.label, "reason": reason})
+        if plan.reference not in plan.backends:
+            raise ValueError(f"the reference {plan.reference} cannot run here: " + next(
+                s["reason"] for s in plan.skipped if s["backend"] == plan.reference))
         return plan
 
 
 def run(plan: Plan, bundles: dict[int, Bundle], seed: int = 0, memory: bool = True) -> dict:
     """Time every cell of the grid on `bundles` ({hidden size: bundle}); the result as data."""
     torch.set_num_threads(plan.threads)
-    peak = gemm_peak_gflops(plan.peak_size)
+    peak = gemm_peak_gflops(plan.peak_size, plan.device)
     rows = run_grid(bundles, plan, seed, peak)
     measured: dict[str, Any] = {}
-    if memory:
+    if memory and plan.device == "cpu":  # RSS: host memory, not what a CUDA backend holds
         largest = max(_cells(bundles, plan.grid), key=lambda c: c.batch * c.steps * c.hidden)
         measured = measure_memory(bundles[largest.hidden], plan, largest)
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(plan.threads),
+        "machine": machine_info(plan.threads, plan.device),
         "clock": plan.clock,
+        "device": plan.device,
+        "reference": plan.reference,
         "gemm_peak_gflops": peak,
         "grid": plan.grid,
         "models": {str(h): b.config.to_dict() for h, b in bundles.items()},
         "rows": rows,
-        "summary": bench_report.summary(rows),
+        "summary": bench_report.summary(rows, plan.reference),
         "memory": measured,
         "skipped": plan.skipped,
-        "method": bench_report.method(plan.clock),
+        "method": bench_report.method(plan.clock, plan.reference, plan.device),
     }
 
 
@@ -128,7 +146,7 @@ def run_grid(
                 inputs = cell_inputs(bundle.config, cell, seed)
                 samples, errors = time_cell(backends, inputs, plan)
                 flops = bundle.config.gemm_flops(cell.batch, cell.steps)
-                rows += summarize(cell, samples, errors, flops, peak)
+                rows += summarize(cell, samples, errors, flops, peak, plan.reference)
                 bar.update()
     return rows
 
@@ -170,7 +188,7 @@ def time_cell(
             for _ in range(plan.warmup):
                 result = call()
             outputs[name] = backends[name].outputs(result)[OUTPUT]
-        errors = {n: float(np.abs(o - outputs[REFERENCE]).max()) for n, o in outputs.items()}
+        errors = {n: float(np.abs(o - outputs[plan.reference]).max()) for n, o in outputs.items()}
         names = list(calls)
         start = time.perf_counter()
         for r in range(plan.repeat):
@@ -185,10 +203,15 @@ def time_cell(
 
 
 def summarize(
-    cell: Cell, samples: dict[str, list[float]], errors: dict[str, float], flops: int, peak: float
+    cell: Cell,
+    samples: dict[str, list[float]],
+    errors: dict[str, float],
+    flops: int,
+    peak: float,
+    reference_name: str = REFERENCE,
 ) -> list[dict[str, Any]]:
     """One row per backend of a cell (see `lstm-deploy bench --help` for each number)."""
-    reference = float(np.median(samples[REFERENCE]))
+    reference = float(np.median(samples[reference_name]))
     rows = []
     for name, times in samples.items():
         q1, median, q3 = (float(q) for q in np.percentile(times, [25, 50, 75]))
@@ -213,19 +236,20 @@ def summarize(
     return rows
 
 
-def gemm_peak_gflops(size: int = 1024) -> float:
-    """This machine's float32 GEMM rate: the best of 5 torch.mm (n x n) @ (n x n)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
+def gemm_peak_gflops(size: int = 1024, device: str = "cpu") -> float:
+    """The device's float32 GEMM rate: the best of 5 torch.mm (n x n) @ (n x n); TF32 off."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    mm = synced(lambda: torch.mm(a, b), device)
+    mm()
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        mm()
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9
 
 
-def machine_info(threads: int) -> dict[str, Any]:
+def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
     import onnxruntime as ort
 
     cpu = platform.processor() or platform.machine()
@@ -241,6 +265,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
+        **({"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if device == "cuda"
+           else {}),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 

@@ -15,6 +15,7 @@ The choices, measured with `lstm-deploy bench` and the notes in README "Performa
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,15 @@ def cuda_unavailable() -> str | None:
     return None
 
 
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu's own loader for CUDA and cuDNN from the nvidia-* wheels (torch's, where
+    torch is imported): without it the CUDA provider finds them only on LD_LIBRARY_PATH."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is not None:
+        preload()
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Session options as in the module docstring; `threads=None`: ORT's default (all cores)."""
     options = ort.SessionOptions()
@@ -65,6 +75,8 @@ def make_session(
     """
     if provider == CUDA and (reason := cuda_unavailable()) is not None:
         raise ProviderUnavailable(reason)
+    if provider == CUDA:
+        _preload_cuda_libraries()
     providers: list[Any] = [CPU]
     if provider == CUDA:
         providers.insert(0, (CUDA, {"use_tf32": str(int(tf32))}))

@@ -146,7 +146,7 @@ def nn_lstm_call(
     return call
 
 
-def _synced(call: Callable[[], Any], device: str, tf32: bool = False) -> Callable[[], Any]:
+def synced(call: Callable[[], Any], device: str, tf32: bool = False) -> Callable[[], Any]:
     """A call that returns when a CUDA device is done, with TF32 as asked; CPU calls as they are."""
     if device == "cpu":
         return call
@@ -171,7 +171,7 @@ def _torch_runner(module: Any, sig: Signature, device: str, tf32: bool = False) 
         def call() -> Any:
             return module(*tensors)
 
-        return _synced(call, device, tf32)
+        return synced(call, device, tf32)
 
     return Runner(prepare, lambda result: arrays(sig, result))
 
@@ -216,7 +216,7 @@ def run_nn_lstm(device: str) -> Callable[[Bundle, Context], Runner]:
         def prepare(inputs: Arrays) -> Callable[[], Any]:
             # Unpacked at full lengths: what bench times is nn.LSTM's own fast kernel.
             pack = bool((inputs[LENGTHS] < inputs[INPUT].shape[1]).any())
-            return _synced(nn_lstm_call(lstm, torch_inputs(inputs, sig, device), pack), device)
+            return synced(nn_lstm_call(lstm, torch_inputs(inputs, sig, device), pack), device)
 
         return Runner(prepare, lambda result: arrays(sig, result))
 

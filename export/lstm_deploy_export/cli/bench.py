@@ -16,6 +16,11 @@ threads). FLOPs count the GEMMs: 2 * T * B * 4H * (I_l + H_out) per layer and di
 the backend's output against nn.LSTM's. Peak memory: each backend in its own child process
 running the largest cell; VmHWM of the child, and its growth over the child's RSS after imports.
 
+With --device cuda the reference is torch.nn.LSTM on CUDA (cuDNN), the default backends are the
+CUDA rows (model.pt on CUDA, model.onnx on ONNX Runtime's CUDA execution provider), TF32 off, the
+GEMM peak is the GPU's (torch.mm, TF32 off), and no peak RSS is measured (host memory says nothing
+about the GPU's).
+
 Without BUNDLE, a temporary bundle is exported per hidden size (a seeded random model). Writes
 bench.json (every number), bench.md (the tables) and bench.png (throughput vs T) into --out.
 
@@ -23,6 +28,7 @@ examples:
   lstm-deploy bench --quick
   lstm-deploy bench --out docs/                     the default grid, 27 cells (several minutes)
   lstm-deploy bench bundle/ --batch 1,32 --steps 100 --clock cpu
+  lstm-deploy bench --device cuda --batch 1,64,256 --steps 128,1024 --hidden 256,1024
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wall (default): latency; cpu: the process's CPU time, steadier on a shared machine "
         "(--threads 1 only; with no other load the two agree)",
     )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cpu (default): nn.LSTM on the CPU is the reference; cuda: nn.LSTM on CUDA (cuDNN) "
+        "is, and the default backends are the CUDA rows",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS children")
     parser.add_argument("--seed", type=int, default=0)
@@ -103,10 +114,11 @@ def run(args: argparse.Namespace) -> int:
             budget=args.budget or (2.0 if args.quick else 20.0),
             threads=args.threads,
             clock=args.clock,
-            peak_size=512 if args.quick else 1024,
+            peak_size=8192 if args.device == "cuda" else 512 if args.quick else 1024,
+            device=args.device,
         )
     except ValueError as e:
-        raise UsageError(f"--backends: {e}") from None
+        raise UsageError(str(e)) from None
     with _bundles(args, grid) as bundles:
         measured = run_bench(plan, bundles, args.seed, memory=not args.no_memory)
     result = {"command": command_line(args), **measured}
