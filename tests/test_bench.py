@@ -77,7 +77,9 @@ def test_bad_arguments_are_usage_errors(bundle: Path, tmp_path: Path, capsys) ->
     assert "lstm-deploy bench: error:" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: the GPU run is the test")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a CUDA device is here: the GPU run is the test"
+)
 def test_device_cuda_without_cuda_says_why(bundle: Path, tmp_path: Path, capsys) -> None:
     assert main(["bench", str(bundle), "--device", "cuda", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

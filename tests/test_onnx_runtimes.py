@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from lstm_deploy_export.check.sweep import Case, make_inputs
 from lstm_deploy_export.check.validate import validate
 from lstm_deploy_export.export.writer import export_bundle
 
 from lstm_deploy import LSTM
+from lstm_deploy.bundle import ONNX
 
 ONNX_ROWS = ("onnxruntime-cpu", "openvino-cpu", "onnx-reference")
 CONFIGS = [
@@ -47,3 +50,18 @@ def test_every_onnx_runtime_passes(config: dict, tmp_path: Path) -> None:
         row = rows[("openvino-cpu", "model.onnx")]
         assert row.status == "skipped" and "projection" in (row.reason or "")
     assert report.passed, report.failures
+
+
+def test_device_call_binds_what_session_run_computes(tmp_path: Path) -> None:
+    """The CUDA rows' I/O-binding call, run on the CPU: the same outputs as session.run."""
+    from lstm_deploy_export.check import ort_session
+
+    torch.manual_seed(0)
+    bundle = export_bundle(LSTM(3, 4, num_layers=2, batch_first=True), tmp_path / "b")
+    session = ort_session.make_session(bundle.file(ONNX), threads=1)
+    sig = bundle.signature
+    feeds = make_inputs(Case(0, 0, 3, 5, "random", "random"), bundle.config)
+    feeds = {n: np.ascontiguousarray(feeds[n]) for n in sig.input_names}
+    bound = ort_session.device_call(session, feeds, sig.output_names, "cpu")().copy_outputs_to_cpu()
+    for name, want, got in zip(sig.output_names, session.run(sig.output_names, feeds), bound):
+        np.testing.assert_array_equal(got, want, err_msg=name)

@@ -66,8 +66,9 @@ def summary(rows: list[dict[str, Any]], reference: str = REFERENCE) -> dict[str,
 def method(clock: str, reference: str = REFERENCE, device: str = "cpu") -> dict[str, str]:
     """How each number is measured, for bench.json and bench.md."""
     on_cuda = (
-        "; a CUDA call ends with torch.cuda.synchronize(), ONNX Runtime's takes numpy in and out "
-        "(its host-device copies are timed, as its users run it)"
+        "; on CUDA every backend's inputs and outputs stay on the device (ONNX Runtime's through "
+        "I/O binding): no host-device copy is timed; a torch call ends with "
+        "torch.cuda.synchronize(), ONNX Runtime's run returns when the device is done"
     )
     return {
         "time": f"{clock} clock ({'perf_counter' if clock == 'wall' else 'process_time'}) per "

@@ -97,8 +97,10 @@ class Plan:
             else:
                 plan.skipped.append({"backend": entry.label, "reason": reason})
         if plan.reference not in plan.backends:
-            raise ValueError(f"the reference {plan.reference} cannot run here: " + next(
-                s["reason"] for s in plan.skipped if s["backend"] == plan.reference))
+            raise ValueError(
+                f"the reference {plan.reference} cannot run here: "
+                + next(s["reason"] for s in plan.skipped if s["backend"] == plan.reference)
+            )
         return plan
 
 
@@ -265,8 +267,11 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
-        **({"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if device == "cuda"
-           else {}),
+        **(
+            {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+            if device == "cuda"
+            else {}
+        ),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 

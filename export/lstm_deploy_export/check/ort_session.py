@@ -16,12 +16,20 @@ The choices, measured with `lstm-deploy bench` and the notes in README "Performa
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
-__all__ = ["CPU", "CUDA", "ProviderUnavailable", "cuda_unavailable", "make_session"]
+__all__ = [
+    "CPU",
+    "CUDA",
+    "ProviderUnavailable",
+    "cuda_unavailable",
+    "device_call",
+    "make_session",
+]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -86,3 +94,23 @@ def make_session(
             f"{provider} failed to initialise; the session fell back to {session.get_providers()}"
         )
     return session
+
+
+def device_call(
+    session: ort.InferenceSession, feeds: dict[str, Any], outputs: list[str], device: str
+) -> Callable[[], list[Any]]:
+    """A call of `session` with its inputs and outputs on `device` (I/O binding), as the torch rows
+    run on CUDA: the inputs are copied there once, now; each call runs the graph alone and returns
+    the binding, whose `copy_outputs_to_cpu()` gives the outputs (the Runner's untimed `outputs`).
+    """
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, 0))
+    for name in outputs:
+        binding.bind_output(name, device)
+
+    def call() -> Any:
+        session.run_with_iobinding(binding)  # returns when the device is done (ORT syncs the EP)
+        return binding
+
+    return call

@@ -202,9 +202,16 @@ def run_onnxruntime(
 
         def prepare(inputs: Arrays) -> Callable[[], Any]:
             feeds = {n: np.ascontiguousarray(inputs[n]) for n in sig.input_names}
+            if provider == ort_session.CUDA:
+                return ort_session.device_call(session, feeds, sig.output_names, "cuda")
             return lambda: session.run(sig.output_names, feeds)  # numpy in and out, as users do
 
-        return Runner(prepare, lambda result: dict(zip(sig.output_names, result)))
+        def outputs(result: Any) -> Arrays:
+            if provider == ort_session.CUDA:
+                result = result.copy_outputs_to_cpu()
+            return dict(zip(sig.output_names, result))
+
+        return Runner(prepare, outputs)
 
     return make
 
