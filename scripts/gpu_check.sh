@@ -73,7 +73,8 @@ step "environment"
 import onnxruntime as ort
 import torch
 
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), cuda available: {torch.cuda.is_available()}")
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
+      f"cuda available: {torch.cuda.is_available()}")
 if torch.cuda.is_available():
     print(f"device: {torch.cuda.get_device_name()}")
 print(f"onnxruntime {ort.__version__} from {ort.__file__}")
