@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from lstm_deploy._formats import file_format, pickled_globals
 from lstm_deploy.config import LSTMConfig
@@ -54,9 +54,12 @@ class WeightsError(ValueError):
 
 
 def save_safetensors(model: LSTM, path: str | Path) -> None:
-    """Write the model's weights and config (in the file's metadata) as safetensors."""
+    """Write the model's weights and config (in the file's metadata) as safetensors.
+
+    Written with open(), so the file's mode follows the umask like the bundle's other files
+    (safetensors' own save_file creates it 0600)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={CONFIG_KEY: json.dumps(model.config.to_dict())})
+    Path(path).write_bytes(save(tensors, metadata={CONFIG_KEY: json.dumps(model.config.to_dict())}))
 
 
 def load_safetensors(path: str | Path, **factory: object) -> LSTM:

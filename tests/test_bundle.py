@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,15 @@ def test_nan_weights_are_refused_before_anything_is_written(tmp_path: Path) -> N
     with pytest.raises(WeightsError, match="weight_hh_l0 has 1 NaN"):
         export_bundle(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_has_the_mode_the_umask_gives(tmp_path: Path, umask: int) -> None:
+    """weights.safetensors too: safetensors' save_file would make it 0600 whatever the umask."""
+    old = os.umask(umask)
+    try:
+        export_bundle(LSTM(3, 4), tmp_path / "b")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {0o666 & ~umask}, modes

@@ -127,7 +127,7 @@ def test_serve_refuses_in_one_line(
 ) -> None:
     edit_manifest(bundle, edit)
     assert serving_cli.main(["serve", str(bundle), "--port", "0"]) == 2
-    _one_line_error(capsys.readouterr().err, "error: ", words)
+    _one_line_error(capsys.readouterr().err, "python -m lstm_deploy_serving serve: error: ", words)
 
 
 @pytest.mark.parametrize(("name", "edit", "words"), HOSTILE, ids=IDS)

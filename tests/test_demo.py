@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from lstm_deploy_export.cli import main
 from lstm_deploy_export.cli.demo import DEMO_MODEL
+from serving_support import Reference, running_server
 
 from lstm_deploy.bundle import load_bundle
 
@@ -36,6 +40,21 @@ def test_demo_exports_validates_and_says_where(
     assert "onnxruntime-cpu" in printed and "PASSED:" in printed
     assert f"the bundle: {out.resolve()}/" in printed and "model.onnx" in printed
     assert f"lstm-deploy serve {out}" in printed
+    # next: the printed curl command works against the served bundle, and answers what ORT does
+    lines = printed.splitlines()
+    commands = [line.strip() for line in lines[lines.index("next:") + 1 :] if "#" not in line]
+    assert [c.split()[:2] for c in commands] == [
+        ["lstm-deploy", "validate"], ["lstm-deploy", "serve"], ["curl", "-s"],
+        ["lstm-deploy", "bench"],
+    ]  # fmt: skip
+    with running_server(out) as url:
+        curl = shlex.split(commands[2].replace("localhost:8000", url))
+        answer = json.loads(subprocess.run(curl, capture_output=True, check=True).stdout)
+    body = json.loads(curl[-1])["inputs"][0]
+    x = np.array(body["data"], np.float32).reshape(body["shape"])
+    outputs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in answer["outputs"]}
+    for name, want in Reference(out).run(x).items():
+        np.testing.assert_allclose(outputs[name], want, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_demo_refuses_a_directory_that_is_not_a_bundle(

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from lstm_deploy_export import cli as lstm_deploy_cli
 from lstm_deploy_serving import cli
 from lstm_deploy_serving.server import ThreadedServer
 
@@ -287,14 +288,18 @@ def test_a_runtime_fault_is_500_and_the_server_recovers(
 
 
 def _serve(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    code = cli.main(["serve", *args])
+    code = lstm_deploy_cli.main(["serve", *args])  # the command users run
     err = capsys.readouterr().err.strip()
     return code, err
 
 
 def test_cli_missing_bundle(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, err = _serve(capsys, str(tmp_path / "nope"))
-    assert code == 2 and err == f"error: bundle not found: {tmp_path / 'nope'} is not a directory"
+    assert (
+        code == 2
+        and err
+        == f"lstm-deploy serve: error: bundle not found: {tmp_path / 'nope'} is not a directory"
+    )
 
 
 def test_cli_tampered_model(
@@ -315,7 +320,9 @@ def test_cli_port_in_use(capsys: pytest.CaptureFixture[str], onnx_bundle: Path) 
         taken.listen()
         port = taken.getsockname()[1]
         code, err = _serve(capsys, str(onnx_bundle), "--port", str(port))
-    assert code == 2 and err.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert code == 2 and err.startswith(
+        f"lstm-deploy serve: error: cannot listen on 127.0.0.1:{port}"
+    )
 
 
 def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lstm_deploy.cli_common import EXIT_USAGE, int_at_least, int_list, number
+from lstm_deploy.cli_common import EXIT_USAGE, UsageError, int_at_least, int_list, number
 
 from .config import DEFAULT_MODEL_NAME, ServeOptions
 
@@ -216,11 +216,6 @@ def register(subparsers: Any) -> None:
     _add_loadtest(subparsers)
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from lstm_deploy.bundle import BundleError
 
@@ -247,16 +242,16 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         return serve(options)
     except BundleError as e:
-        return _fail(str(e))
+        raise UsageError(str(e)) from None
     except OSError as e:
-        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
     if (args.url is None) == (args.bundle is None):
-        return _fail("give either a server URL or --bundle, not both and not neither")
+        raise UsageError("give either a server URL or --bundle, not both and not neither")
     if args.min_steps > args.max_steps:
-        return _fail(f"--min-steps {args.min_steps} is above --max-steps {args.max_steps}")
+        raise UsageError(f"--min-steps {args.min_steps} is above --max-steps {args.max_steps}")
     from .loadtest import LoadSpec, LoadtestError, run
 
     spec = LoadSpec(
@@ -271,7 +266,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
     try:
         table = run(spec, url=args.url, bundle=args.bundle, threads=args.threads)
     except LoadtestError as e:
-        return _fail(str(e))
+        raise UsageError(str(e)) from None
     print(table)
     return 0
 
@@ -283,4 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UsageError as e:  # the same one line as `lstm-deploy serve` prints
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE

@@ -10,11 +10,12 @@ to 64; seconds) unless --thorough. Exit status: 0 all passed, 1 any failure, 2 u
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from lstm_deploy.bundle import KSERVE_DIR, MANIFEST, REPORTS, TRITON_DIR, BundleError
+from lstm_deploy.bundle import INPUT, KSERVE_DIR, MANIFEST, REPORTS, TRITON_DIR, BundleError
 from lstm_deploy.cli_common import EXIT_FAIL, EXIT_OK, UsageError
 
 DEFAULT_DIR = Path("demo-bundle")
@@ -106,12 +107,29 @@ def run(args: argparse.Namespace) -> int:
     for name, what in listing:
         print(f"  {name:<{width}}{what}")
     print()
-    steps = [(f"lstm-deploy serve {out}", "a KServe v2 (Triton-compatible) HTTP server")]
-    if not args.thorough:
-        command = f"lstm-deploy validate {out}{' --cpp' if args.cpp else ''}"
-        steps.insert(0, (command, "the thorough sweep (under a minute)"))
-    width = max(len(c) for c, _ in steps) + 3
     print("next:")
-    for command, what in steps:
-        print(f"  {command:<{width}}{what}")
+    for command, what in next_steps(out, bundle.config.input_size, args):
+        print(f"  # {what}\n  {command}")
     return EXIT_OK if report.passed else EXIT_FAIL
+
+
+def next_steps(out: Path, input_size: int, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The commands a user runs next on the demo bundle, each with what it does."""
+    from lstm_deploy_serving.config import DEFAULT_MODEL_NAME  # numpy-free, torch-free
+
+    steps = [] if args.thorough else [
+        (f"lstm-deploy validate {out}{' --cpp' if args.cpp else ''}",
+         "the thorough sweep (under a minute)"),
+    ]  # fmt: skip
+    request = json.dumps(
+        {"inputs": [{"name": INPUT, "shape": [1, 2, input_size], "datatype": "FP32",
+                     "data": [round(0.1 * (i % 7), 1) for i in range(2 * input_size)]}]},
+        separators=(",", ":"),
+    )  # fmt: skip
+    return [
+        *steps,
+        (f"lstm-deploy serve {out}", "serve it: KServe v2 (Triton-compatible) HTTP on port 8000"),
+        (f"curl -s localhost:8000/v2/models/{DEFAULT_MODEL_NAME}/infer -d '{request}'",
+         "in another terminal: one inference (batch 1, 2 steps; only input is required)"),
+        (f"lstm-deploy bench {out} --quick", "time every artifact against torch.nn.LSTM"),
+    ]  # fmt: skip
