@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from lstm_deploy_export.cli import main
 from lstm_deploy_export.cli.demo import DEMO_MODEL
 from serving_support import Reference, running_server
@@ -40,6 +41,12 @@ def test_demo_exports_validates_and_says_where(
     assert "onnxruntime-cpu" in printed and "PASSED:" in printed
     assert f"the bundle: {out.resolve()}/" in printed and "model.onnx" in printed
     assert f"lstm-deploy serve {out}" in printed
+    # README's demo table lists the rows this run prints, with the same statuses (figures differ)
+    live = [(r["runtime"], r["artifact"], r["status"].upper()) for r in report["rows"]]
+    cuda = torch.cuda.is_available()  # README's table is of a machine without CUDA
+    assert [r for r in readme_demo_rows() if not (cuda and "cuda" in r[0])] == [
+        r for r in live if not (cuda and "cuda" in r[0])
+    ]
     # next: the printed curl command works against the served bundle, and answers what ORT does
     lines = printed.splitlines()
     commands = [line.strip() for line in lines[lines.index("next:") + 1 :] if "#" not in line]
@@ -68,3 +75,14 @@ def test_demo_refuses_a_directory_that_is_not_a_bundle(
     (tmp_path / "file").write_text("")
     assert run_demo(str(tmp_path / "file")) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def readme_demo_rows() -> list[tuple[str, str, str]]:
+    """(runtime, artifact, status) of each row of the demo table in README.md's Parity section."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    after = text.split("`lstm-deploy demo` on this machine", 1)[1]
+    table = after.split("```\n", 2)[1]  # the first fenced block after that sentence
+    lines = [line.split() for line in table.splitlines() if not line.startswith(("---", "columns:"))]
+    assert lines[0][:3] == ["runtime", "artifact", "status"], lines[0]
+    assert lines[-1][0] == "PASSED:", lines[-1]  # the verdict line
+    return [(words[0], words[1], words[2]) for words in lines[1:-1]]
