@@ -2,8 +2,8 @@
 
 Backends (the runtime registry's, which validate checks too): torch.nn.LSTM (the reference), the
 scratch module in eager mode, model.pt (TorchScript), model.onnx and model.scan.onnx on ONNX
-Runtime's CPU execution provider, and CUDA rows where a CUDA device is available, TF32 off (rows
-that cannot run here are listed as skipped, with the reason).
+Runtime's CPU execution provider and on OpenVINO (rows that cannot run here are listed as skipped,
+with the reason); the CUDA rows with --device cuda, below.
 
 Every backend runs the deployed signature with full lengths (nn.LSTM unpacked: full lengths need no
 packing) on the same inputs, with --threads intra-op threads. Per grid cell, after warm-up, the
@@ -17,7 +17,8 @@ the backend's output against nn.LSTM's. Peak memory: each backend in its own chi
 running the largest cell; VmHWM of the child, and its growth over the child's RSS after imports.
 
 With --device cuda the reference is torch.nn.LSTM on CUDA (cuDNN), the default backends are the
-CUDA rows (model.pt on CUDA, model.onnx on ONNX Runtime's CUDA execution provider), TF32 off, the
+CUDA rows (model.pt on CUDA, the ONNX graphs on ONNX Runtime's CUDA execution provider with their
+inputs and outputs bound on the device, as torch's stay there), TF32 off, the
 GEMM peak is the GPU's (torch.mm, TF32 off), and no peak RSS is measured (host memory says nothing
 about the GPU's).
 
