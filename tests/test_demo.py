@@ -82,7 +82,9 @@ def readme_demo_rows() -> list[tuple[str, str, str]]:
     text = (Path(__file__).parents[1] / "README.md").read_text()
     after = text.split("`lstm-deploy demo` on this machine", 1)[1]
     table = after.split("```\n", 2)[1]  # the first fenced block after that sentence
-    lines = [line.split() for line in table.splitlines() if not line.startswith(("---", "columns:"))]
+    lines = [
+        line.split() for line in table.splitlines() if not line.startswith(("---", "columns:"))
+    ]
     assert lines[0][:3] == ["runtime", "artifact", "status"], lines[0]
     assert lines[-1][0] == "PASSED:", lines[-1]  # the verdict line
     return [(words[0], words[1], words[2]) for words in lines[1:-1]]

@@ -31,6 +31,17 @@ MAX_QUEUE_DELAY_US = 500
 MAX_SEQUENCE_IDLE_US = 60_000_000
 MAX_CANDIDATE_SEQUENCES = 64
 KSERVE_MANIFEST = f"{KSERVE_DIR}/inferenceservice.yaml"  # relative to the bundle, beside triton/
+# The image tag that the manifest's runtimeVersion puts on KServe's kserve-tritonserver runtime.
+# Its default, nvcr.io/nvidia/tritonserver:23.05-py3 (kserve/kserve v0.20.0,
+# config/runtimes/kustomization.yaml), has ONNX Runtime 1.15.0, which reads ONNX IR <= 9: it
+# rejects our model.onnx (IR 10, opset 18). Triton 24.10 (server v2.51.0, build.py) has ONNX
+# Runtime 1.19.2, which reads IR 10 and opsets <= 21 (onnxruntime.ai/docs/reference/
+# compatibility.html), and its libtorch is the NGC PyTorch 24.10 container's, 2.5.0a0+e000cf0:
+# model.pt, saved by torch 2.13, is TorchScript file format 3 with only long-standing aten ops,
+# which that libtorch reads. The same image as README's docker example. Checked once by hand on
+# a bundle: onnxruntime 1.19.2 and torch 2.5.0 load its model.onnx and model.pt and match torch
+# 2.13's outputs; onnxruntime 1.15.0 refuses the model (IR 10).
+KSERVE_TRITON_VERSION = "24.10-py3"
 # The python backend's model.py, and the numpy-only modules of lstm_deploy_serving it imports:
 # copied beside it, so the repository needs no lstm-deploy installed where Triton runs.
 PYTHON_MODEL_SOURCE = "triton_model.py"
@@ -167,7 +178,9 @@ def kserve_manifest(configs: dict[str, dict[str, Any]], name: str = "lstm") -> s
     """A KServe `InferenceService` (YAML) serving the repository with KServe's Triton runtime.
 
     It loads the onnxruntime and libtorch models only: NVIDIA's Triton image has those backends,
-    and its python backend has no onnxruntime for the python-backend models.
+    and its python backend has no onnxruntime for the python-backend models. `modelFormat: triton`
+    with protocol v2 auto-selects KServe's kserve-tritonserver ClusterServingRuntime, and
+    `runtimeVersion` replaces its image tag with `KSERVE_TRITON_VERSION`.
     """
     loads = [n for n, c in configs.items() if c.get("backend") != "python"]
     args = ["--model-control-mode=explicit", *(f"--load-model={n}" for n in loads)]
@@ -187,6 +200,8 @@ def kserve_manifest(configs: dict[str, dict[str, Any]], name: str = "lstm") -> s
             "      modelFormat:",
             "        name: triton",
             "      protocolVersion: v2",
+            "      # The runtime's default Triton (23.05) cannot read model.onnx (ONNX IR 10).",
+            f'      runtimeVersion: "{KSERVE_TRITON_VERSION}"',
             '      storageUri: "s3://YOUR-BUCKET/path/to/bundle/triton"',
             "      args:",
             *(f'        - "{a}"' for a in args),
