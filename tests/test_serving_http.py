@@ -175,6 +175,32 @@ def test_model_name_flag(onnx_bundle: Path, reference: Reference) -> None:
         c.close()
 
 
+def test_one_model_under_the_triton_repository_names(
+    onnx_bundle: Path, reference: Reference
+) -> None:
+    # `serve --model-name lstm_python --model-name lstm_python_stateful`: README's Triton client
+    # code runs unchanged, the stream going to lstm_python_stateful as on Triton.
+    names = ("lstm_python", "lstm_python_stateful")
+    with running_server(onnx_bundle, model_name=names[0], model_aliases=names[1:]) as address:
+        c = http.InferenceServerClient(address)
+        for name in names:
+            assert c.is_model_ready(name)
+            assert c.get_model_metadata(name)["name"] == c.get_model_config(name)["name"] == name
+        assert not c.is_model_ready(MODEL)
+        with pytest.raises(InferenceServerException, match="serves 'lstm_python', 'lstm_python_s"):
+            c.get_model_metadata(MODEL)
+        x = reference.random_input(np.random.default_rng(7), 1, 6)
+        whole = c.infer(names[0], [_input("input", x)])
+        assert whole.get_response()["model_name"] == names[0]
+        _close(whole, reference.run(x), ["output", "hn", "cn"])
+        first, second = np.split(x, 2, axis=1)
+        c.infer(names[1], [_input("input", first)], sequence_id=3, sequence_start=True)
+        last = c.infer(names[1], [_input("input", second)], sequence_id=3, sequence_end=True)
+        assert last.get_response()["model_name"] == names[1]
+        _close(last, reference.run(x), ["hn", "cn"])
+        c.close()
+
+
 def test_serving_never_imports_torch() -> None:
     # Serving reads bundles through the torch-free contract (lstm_deploy.bundle), and nothing else
     # of lstm_deploy: not the model, not the weights, not the export package.

@@ -111,23 +111,24 @@ def create_app(service: InferenceService) -> Starlette:
 
     async def model_metadata(request: Request) -> Response:
         check_model(request)
-        return _json(service.model_metadata())
+        return _json(service.model_metadata(request.path_params["model"]))
 
     async def model_ready(request: Request) -> Response:
         check_model(request)
         if not service.ready:
-            raise Unavailable(f"model '{service.name}' is not ready")
+            raise Unavailable(f"model '{request.path_params['model']}' is not ready")
         return Response(status_code=200)
 
     async def model_config(request: Request) -> Response:
         check_model(request)
-        return _json(service.model_config())
+        return _json(service.model_config(request.path_params["model"]))
 
     async def infer(request: Request) -> Response:
         check_model(request)
         header_length = _header_length(request)
         body = await read_body(request, service.options.max_body_bytes)
-        content, headers = await service.infer_body(body, header_length)
+        model = request.path_params["model"]
+        content, headers = await service.infer_body(body, header_length, model)
         return Response(content, 200, headers=headers)
 
     async def metrics(request: Request) -> Response:

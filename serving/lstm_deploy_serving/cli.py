@@ -75,8 +75,12 @@ def _add_serve(subparsers: Any) -> None:
     )
     p.add_argument(
         "--model-name",
-        default=d.model_name,
-        help="name the model is served under (default: %(default)s)",
+        dest="model_names",
+        action="append",
+        metavar="MODEL_NAME",
+        help=f"name the model is served under (default: {d.model_name}); repeat it to serve the "
+        "model under several names, e.g. the bundle's Triton repository's: --model-name "
+        "lstm_python --model-name lstm_python_stateful",
     )
     b = p.add_argument_group("dynamic batching (defaults: the bundle's Triton config)")
     b.add_argument(
@@ -221,11 +225,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .server import serve
 
+    names = args.model_names or [DEFAULT_MODEL_NAME]
     options = ServeOptions(
         bundle=args.bundle,
         host=args.host,
         port=args.port,
-        model_name=args.model_name,
+        model_name=names[0],
+        model_aliases=tuple(names[1:]),
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         dynamic_batching=args.dynamic_batching,

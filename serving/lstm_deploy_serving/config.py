@@ -23,6 +23,9 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the address is printed once bound)
     model_name: str = DEFAULT_MODEL_NAME
+    # More names the same model answers to: a Triton repository's lstm_python and
+    # lstm_python_stateful are one model here, so a Triton client's code runs unchanged.
+    model_aliases: tuple[str, ...] = ()
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
     dynamic_batching: bool = True

@@ -65,9 +65,8 @@ def serve(options: ServeOptions, announce: Callable[[str], Any] = print) -> int:
     # leave it no-op handlers to find.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        announce(
-            f"{ANNOUNCE} http://{host}:{port} (model '{service.name}', version {MODEL_VERSION})"
-        )
+        models = ", ".join(f"'{n}'" for n in service.names)
+        announce(f"{ANNOUNCE} http://{host}:{port} (model {models}, version {MODEL_VERSION})")
         sys.stdout.flush()
         server.run(sockets=[sock])
     finally:

@@ -73,7 +73,8 @@ class InferenceService:
         self.options = options
         self.bundle, self.spec = model_spec.load(options.bundle)
         self.model = OnnxModel(self.bundle.file(ONNX), self.spec, intra_op_threads=options.threads)
-        self.name = options.model_name
+        self.name = options.model_name  # the primary name: logs and metrics use it
+        self.names = tuple(dict.fromkeys((self.name, *options.model_aliases)))
         self.max_batch_size = (
             options.max_batch_size
             if options.max_batch_size is not None
@@ -146,8 +147,9 @@ class InferenceService:
     # -- metadata ----------------------------------------------------------------------------
 
     def check_model(self, name: str, version: str | None = None) -> None:
-        if name != self.name:
-            raise NotFound(f"unknown model '{name}' (this server serves '{self.name}')")
+        if name not in self.names:
+            served = ", ".join(f"'{n}'" for n in self.names)
+            raise NotFound(f"unknown model '{name}' (this server serves {served})")
         if version not in (None, "", MODEL_VERSION):
             raise NotFound(
                 f"unknown version '{version}' of model '{name}' (served: {MODEL_VERSION})"
@@ -160,7 +162,9 @@ class InferenceService:
             "extensions": EXTENSIONS,
         }
 
-    def model_metadata(self) -> dict[str, Any]:
+    def model_metadata(self, name: str | None = None) -> dict[str, Any]:
+        """The metadata, under ``name`` (one of ``names``, checked by the caller) if given."""
+
         def tensors(specs: Any) -> list[dict[str, Any]]:
             return [
                 {"name": t.name, "datatype": codecs.datatype_of(t.dtype), "shape": t.wire_shape}
@@ -168,17 +172,17 @@ class InferenceService:
             ]
 
         return {
-            "name": self.name,
+            "name": name or self.name,
             "versions": [MODEL_VERSION],
             "platform": self.spec.triton_config.get("platform", "onnxruntime_onnx"),
             "inputs": tensors(self.spec.inputs),
             "outputs": tensors(self.spec.outputs),
         }
 
-    def model_config(self) -> dict[str, Any]:
+    def model_config(self, name: str | None = None) -> dict[str, Any]:
         """The bundle's Triton config, with the name and batching this server actually uses."""
         config = copy.deepcopy(self.spec.triton_config)
-        config["name"] = self.name
+        config["name"] = name or self.name
         config["max_batch_size"] = self.max_batch_size
         if self.options.dynamic_batching:
             batching = config.setdefault("dynamic_batching", {})
@@ -194,13 +198,14 @@ class InferenceService:
     # -- inference ---------------------------------------------------------------------------
 
     async def infer_body(
-        self, body: bytes, header_length: int | None
+        self, body: bytes, header_length: int | None, model: str | None = None
     ) -> tuple[bytes, dict[str, str]]:
-        """Parse, run and encode one inference request; every failure is counted."""
+        """Parse, run and encode one inference request for ``model`` (one of ``names``, checked
+        by the caller; default the primary name); every failure is counted."""
         try:
             if not self.ready:
-                raise Unavailable(f"model '{self.name}' is not ready")
-            response = await self.infer(parse_infer_request(body, header_length))
+                raise Unavailable(f"model '{model or self.name}' is not ready")
+            response = await self.infer(parse_infer_request(body, header_length), model)
             encoded = encode_infer_response(response)
         except ServingError:
             self.metrics.request_failure += 1
@@ -208,7 +213,7 @@ class InferenceService:
         self.metrics.request_success += 1
         return encoded
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, model: str | None = None) -> InferResponse:
         tensors = check_inputs(
             request.inputs,
             self.spec,
@@ -224,7 +229,7 @@ class InferenceService:
         else:
             outputs = await self._run_sequence(tensors, seq_id, start, end, timeout)
         return InferResponse(
-            self.name,
+            model or self.name,
             MODEL_VERSION,
             tuple(OutputTensor(name, outputs[name], binary) for name, binary in wanted),
             request.id,
