@@ -66,3 +66,18 @@ def test_bad_weights(write, words: tuple[str, ...], tmp_path: Path) -> None:
     path = write(tmp_path)
     result = run_export("--weights", str(path), "--out", str(tmp_path / "out"))
     assert_one_line_error(result, (str(path), *words))
+
+
+def test_a_command_without_its_extra_says_which_to_install(tmp_path: Path) -> None:
+    """A serving-only install has no torch: demo says so in one line, not a traceback."""
+    code = (
+        "import sys; sys.modules['torch'] = None  # as if not installed\n"
+        "from lstm_deploy_export.cli import main\n"
+        f"sys.exit(main(['demo', {str(tmp_path / 'b')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "lstm-deploy demo: error: needs torch, which this install lacks: "
+        "pip install 'lstm-deploy[export]' (README: On a fresh machine)\n"
+    )

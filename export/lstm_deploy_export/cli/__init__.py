@@ -54,6 +54,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# The package a command imports -> the extra that brings it (a serving-only install has no torch).
+MISSING_EXTRA = {
+    "torch": "export", "safetensors": "export", "onnx": "export", "onnxscript": "export",
+    "onnxruntime": "export", "tqdm": "export", "matplotlib": "bench", "tritonclient": "client",
+    "uvicorn": "serving", "starlette": "serving", "openvino": "openvino",
+}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -62,6 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as e:
         print(f"lstm-deploy {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:  # an install without the extra this command needs
+        extra = MISSING_EXTRA.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"lstm-deploy {args.command}: error: needs {e.name}, which this install lacks: "
+            f"pip install 'lstm-deploy[{extra}]' (README: On a fresh machine)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"lstm-deploy {args.command}: interrupted", file=sys.stderr)

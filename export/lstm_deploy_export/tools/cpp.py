@@ -41,8 +41,15 @@ from lstm_deploy.versions import installed
 __all__ = ["PROGRAMS", "CppError", "CppPrograms", "build", "default_build_dir"]
 
 
-# A checkout (or an editable install) has export/cpp beside the package.
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "cpp"
+def _source_dir() -> Path:
+    # A wheel carries export/cpp inside the package (pyproject.toml's force-include); a checkout
+    # (or an editable install) has it beside the package.
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "cpp"
+    return packaged if (packaged / "CMakeLists.txt").is_file() else package.parent / "cpp"
+
+
+SOURCE_DIR = _source_dir()
 TORCHSCRIPT = "lstm_torchscript"
 ONNXRUNTIME = "lstm_onnxruntime"
 PROGRAMS = {TORCHSCRIPT: "C++ LibTorch", ONNXRUNTIME: "C++ ONNX Runtime"}  # program -> row label
@@ -146,7 +153,7 @@ def build(
 
 def _build(root: Path, say: Callable[[str], None]) -> CppPrograms:
     if not (SOURCE_DIR / "CMakeLists.txt").is_file():
-        reason = f"{SOURCE_DIR}: the C++ sources are not installed; build from a checkout"
+        reason = f"{SOURCE_DIR}: no C++ sources; reinstall lstm-deploy (its wheel ships them)"
         return CppPrograms(unavailable=dict.fromkeys(PROGRAMS, reason))
     if shutil.which("cmake") is None:
         reason = "cmake is not on PATH (install it, e.g. apt-get install cmake)"
