@@ -180,3 +180,50 @@ def test_response_is_what_tritonclient_reads(binary: bool) -> None:
     np.testing.assert_array_equal(result.as_numpy("hn"), hn)
     assert result.get_response()["id"] == "x"
     assert result.get_response()["model_name"] == "m"
+
+
+# -- the header first: a request is judged on its shapes before its values are parsed ----------
+
+
+@pytest.mark.parametrize(
+    ("body", "skeleton"),
+    [
+        (b'{"data": [1, [2, 3]], "k": 1}', {"data": None, "k": 1}),
+        (b'{"data" : [ 1e5 , -2 ] }', {"data": None}),
+        (b'{"data": [true, false, null, NaN, -Infinity]}', {"data": None}),
+        (b'{"data": []}', {"data": None}),
+        (b'{"data": ["a", 1]}', {"data": ["a", 1]}),  # not numbers: left for the full parse
+        (
+            b'{"data": [[1], ["a"]], "x": {"data": [2]}}',
+            {"data": [[1], ["a"]], "x": {"data": None}},
+        ),
+        (b'{"data": [{"data": [1]}]}', {"data": [{"data": None}]}),
+        (b'{"id": "\\"data\\": [1]", "data": 5}', {"id": '"data": [1]', "data": 5}),
+        (b'{"a\\"data": [1]}', {'a"data': None}),  # any key ending so: cut, still valid JSON
+    ],
+)
+def test_the_header_without_its_data(body: bytes, skeleton: object) -> None:
+    from lstm_deploy_serving.protocol import _without_data
+
+    assert json.loads(_without_data(body)) == skeleton
+
+
+def test_check_header_runs_before_the_data_is_parsed() -> None:
+    """A body of 1,000,000 values is refused by the header check without parsing one of them."""
+    from lstm_deploy_serving.protocol import RequestHeader
+
+    values = b",".join([b"0"] * 1_000_000)
+    head = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1000, 1000], "data": ['
+    body = head + values + b", oops]}]}"  # not JSON: only a full parse would see that
+    seen: list[RequestHeader] = []
+
+    def refuse(header: RequestHeader) -> None:
+        seen.append(header)
+        raise BadRequest("refused")
+
+    with pytest.raises(BadRequest, match="refused"):
+        parse_infer_request(body, None, refuse)
+    assert [(t.name, t.shape) for t in seen[0].inputs] == [("input", (1000, 1000))]
+    # Without the check, the full parse is what refuses it.
+    with pytest.raises(BadRequest, match="malformed JSON"):
+        parse_infer_request(body)

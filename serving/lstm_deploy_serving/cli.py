@@ -121,6 +121,21 @@ def _add_serve(subparsers: Any) -> None:
         help="larger request bodies get 413 (default: %(default)s)",
     )
     s.add_argument(
+        "--max-response-bytes",
+        type=_positive_int,
+        default=d.max_response_bytes,
+        help="a request whose response could be larger (from its shapes and the outputs it asks "
+        "for; JSON costs up to 25 bytes a value, binary 4) gets 400 before it runs "
+        "(default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-codec-requests",
+        type=_positive_int,
+        default=d.max_codec_requests,
+        help="request bodies over 256 KiB being decoded (or responses encoded) at once, off the "
+        "event loop; more get 503 with Retry-After (default: %(default)s)",
+    )
+    s.add_argument(
         "--max-sequences",
         type=_positive_int,
         default=d.max_sequences,
@@ -142,11 +157,20 @@ def _add_serve(subparsers: Any) -> None:
         help="ONNX Runtime intra-op threads; 0: one per core (default: %(default)s)",
     )
     r.add_argument(
-        "--graceful-timeout",
+        "--drain-timeout",
         type=_positive_float,
-        default=d.graceful_timeout_s,
+        default=d.drain_timeout_s,
         metavar="SECONDS",
-        help="on SIGTERM, how long in-flight requests may take to finish (default: %(default)s)",
+        help="on SIGTERM, how long the drain may take before what is left is cancelled and the "
+        "process exits 0 (default: %(default)s)",
+    )
+    # The option's former name, kept working.
+    r.add_argument(
+        "--graceful-timeout",
+        dest="drain_timeout",
+        type=_positive_float,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )
     r.add_argument(
         "--log-level",
@@ -154,7 +178,60 @@ def _add_serve(subparsers: Any) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
     )
     r.add_argument("--access-log", action="store_true", help="log every request")
+    _add_serve_connections(p, d)
     p.set_defaults(func=run_serve)
+
+
+def _add_serve_connections(p: argparse.ArgumentParser, d: ServeOptions) -> None:
+    c = p.add_argument_group("connections")
+    c.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=d.header_timeout_s,
+        metavar="SECONDS",
+        help="close a connection whose request header is not complete this long after its first "
+        "byte (default: %(default)s)",
+    )
+    c.add_argument(
+        "--keep-alive-timeout",
+        type=_positive_int,
+        default=d.keep_alive_timeout_s,
+        metavar="SECONDS",
+        help="close a keep-alive connection idle this long (default: %(default)s)",
+    )
+    c.add_argument(
+        "--max-header-bytes",
+        type=_positive_int,
+        default=d.max_header_bytes,
+        help="larger request headers get 431 (default: %(default)s)",
+    )
+    c.add_argument(
+        "--limit-concurrency",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="beyond N open connections or N requests in progress, requests get 503 "
+        "(default: no limit)",
+    )
+    sec = p.add_argument_group(
+        "security (opt-in; by default the server binds 127.0.0.1, plain HTTP, no key)"
+    )
+    sec.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /v2/health/*; prefer "
+        "--api-key-file or the LSTM_DEPLOY_API_KEY environment variable (a flag shows in ps)",
+    )
+    sec.add_argument(
+        "--api-key-file", type=Path, metavar="PATH", help="read the API key from this file"
+    )
+    sec.add_argument("--ssl-certfile", type=Path, metavar="PATH", help="serve HTTPS: certificate")
+    sec.add_argument(
+        "--ssl-keyfile",
+        type=Path,
+        metavar="PATH",
+        help="its private key (if not in the certificate file)",
+    )
 
 
 def _add_loadtest(subparsers: Any) -> None:
@@ -223,7 +300,15 @@ def register(subparsers: Any) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from lstm_deploy.bundle import BundleError
 
-    from .server import serve
+    from .auth import ApiKeyError, resolve_api_key
+    from .server import TLSError, serve
+
+    if args.ssl_keyfile is not None and args.ssl_certfile is None:
+        raise UsageError("--ssl-keyfile needs --ssl-certfile")
+    try:
+        api_key = resolve_api_key(args.api_key, args.api_key_file)
+    except ApiKeyError as e:
+        raise UsageError(str(e)) from None
 
     names = args.model_names or [DEFAULT_MODEL_NAME]
     options = ServeOptions(
@@ -240,14 +325,25 @@ def run_serve(args: argparse.Namespace) -> int:
         max_sequences=args.max_sequences,
         sequence_idle_timeout_s=args.sequence_idle_timeout,
         max_body_bytes=args.max_body_bytes,
+        max_response_bytes=args.max_response_bytes,
+        max_codec_requests=args.max_codec_requests,
         threads=args.threads,
-        graceful_timeout_s=args.graceful_timeout,
+        drain_timeout_s=args.drain_timeout,
+        header_timeout_s=args.header_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout,
+        max_header_bytes=args.max_header_bytes,
+        limit_concurrency=args.limit_concurrency,
+        api_key=api_key,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
         log_level=args.log_level,
         access_log=args.access_log,
     )
     try:
         return serve(options)
     except BundleError as e:
+        raise UsageError(str(e)) from None
+    except TLSError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None

@@ -37,6 +37,15 @@ DTYPE_TO_DATATYPE: dict[np.dtype, str] = {v: k for k, v in DATATYPE_TO_DTYPE.ite
 # integers for integers, booleans for BOOL. A string such as "1.0" is an error, not a number.
 _JSON_KINDS: dict[str, str] = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
+# The most bytes one value can take in a JSON ``data`` list, comma included: Python's shortest
+# round-trip text of a float ("-1.2345678901234567e-308", 24 characters), of an int64
+# ("-9223372036854775808") or uint64, of "false". Binary values take their itemsize.
+JSON_BYTES_PER_VALUE: dict[str, int] = {"f": 25, "i": 21, "u": 21, "b": 6}
+
+# Triton's dims are int64; numpy cannot make an array of more dimensions than this.
+MAX_DIM = 2**63 - 1
+MAX_RANK = 32
+
 
 def dtype_of(datatype: str) -> np.dtype:
     """The numpy dtype of wire ``datatype`` ("FP32" -> float32); BadRequest if unknown."""
@@ -55,12 +64,32 @@ def datatype_of(dtype: np.dtype | type | str) -> str:
 def check_shape(name: str, shape: Any) -> tuple[int, ...]:
     """``shape`` as a tuple of non-negative ints; BadRequest naming the tensor otherwise."""
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape
     ):
         raise BadRequest(
-            f"input '{name}': shape must be a list of non-negative integers, got {shape!r}"
+            f"input '{name}': shape must be a list of non-negative integers (int64), "
+            f"got {_clip(repr(shape))}"
         )
+    if len(shape) > MAX_RANK:
+        raise BadRequest(f"input '{name}': {len(shape)} dimensions, more than {MAX_RANK}")
     return tuple(shape)
+
+
+def encoded_size(dtype: np.dtype, count: int, binary: bool) -> int:
+    """The most bytes ``count`` values of ``dtype`` take in a response, binary or JSON."""
+    return count * (dtype.itemsize if binary else JSON_BYTES_PER_VALUE[dtype.kind])
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    # An error message echoes what the client sent, but not all of a hostile megabyte of it.
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _reshape(name: str, values: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    try:
+        return values.reshape(shape)
+    except ValueError as e:  # a shape numpy cannot make, e.g. [0, 2**62, 2**62]
+        raise BadRequest(f"input '{name}': no array has shape {list(shape)}: {e}") from None
 
 
 def decode_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
@@ -77,7 +106,13 @@ def decode_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np
         raise BadRequest(
             f"input '{name}': {values.size} values in data, but shape {list(shape)} needs {count}"
         )
-    return values.astype(dtype, copy=False).reshape(shape)
+    if dtype.kind in "iu" and values.size and values.dtype != dtype:
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise BadRequest(f"input '{name}': data holds values outside the range of {datatype}")
+    # A float above FP32's range becomes inf, which validation refuses with a clear message.
+    with np.errstate(over="ignore"):
+        return _reshape(name, values.astype(dtype, copy=False), shape)
 
 
 def decode_bytes(
@@ -91,7 +126,7 @@ def decode_bytes(
             f"input '{name}': binary_data_size is {len(raw)} bytes, but {datatype} "
             f"{list(shape)} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return _reshape(name, np.frombuffer(raw, dtype=dtype), shape)
 
 
 def encode_json(array: np.ndarray) -> list[Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "lstm_onnx"
@@ -34,7 +34,22 @@ class ServeOptions:
     max_sequences: int = 1024
     sequence_idle_timeout_s: float = 60.0
     max_body_bytes: int = 64 * 1024 * 1024
+    # A request whose response could be larger (JSON: up to 25 bytes a value) gets 400 up front.
+    max_response_bytes: int = 64 * 1024 * 1024
+    # Bodies over 256 KiB decoded (or responses encoded) at once, in codecpool.py; more: 503.
+    max_codec_requests: int = 4
     threads: int = 0  # ONNX Runtime intra-op threads; 0: one per core
-    graceful_timeout_s: float = 30.0
+    # Connections (see connections.py): SIGTERM drains for at most drain_timeout_s; a request's
+    # header must arrive within header_timeout_s of its first byte; an idle keep-alive connection
+    # closes after keep_alive_timeout_s; beyond limit_concurrency connections or requests, 503.
+    drain_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: int = 5
+    max_header_bytes: int = 16 * 1024
+    limit_concurrency: int | None = None
+    # Opt-in security: a bearer API key on every route but /v2/health/* (never in a repr), TLS.
+    api_key: str | None = field(default=None, repr=False)
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
     log_level: str = "info"
     access_log: bool = False

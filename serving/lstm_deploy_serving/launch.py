@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -27,6 +29,9 @@ class ServerProcess:
         bundle: the bundle to serve.
         args: extra ``serve`` flags, e.g. ``["--no-dynamic-batching"]``.
         start_timeout_s: how long to wait for the child to listen and be ready.
+        env: extra environment variables of the child, e.g. ``LSTM_DEPLOY_API_KEY``.
+
+    ``url`` is ``host:port`` (what tritonclient takes); ``scheme`` is ``http`` or ``https``.
     """
 
     def __init__(
@@ -34,6 +39,7 @@ class ServerProcess:
         bundle: str | Path,
         args: list[str] | tuple[str, ...] = (),
         start_timeout_s: float = 60.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.command = [
             sys.executable,
@@ -50,6 +56,8 @@ class ServerProcess:
             *args,
         ]
         self.start_timeout_s = start_timeout_s
+        self.env = dict(env or {})
+        self.scheme = "http"
         self.lines: list[str] = []
         self.url = ""
         self._announced = threading.Event()
@@ -61,11 +69,11 @@ class ServerProcess:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
             if line.startswith(ANNOUNCE):
-                self.url = line[len(ANNOUNCE) :].split()[0].removeprefix("http://")
+                self.scheme, _, self.url = line[len(ANNOUNCE) :].split()[0].partition("://")
                 self._announced.set()
 
     def __enter__(self) -> ServerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
@@ -80,8 +88,16 @@ class ServerProcess:
         return self
 
     def _ready(self) -> bool:
+        context = None
+        if self.scheme == "https":
+            # Only asks our own child, on loopback, whether it is up: its certificate (often
+            # self-signed in tests) is not what this checks.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        url = f"{self.scheme}://{self.url}/v2/health/ready"
         try:
-            with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
                 return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False

@@ -22,12 +22,36 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .errors import BadRequest, ServerFault, Unavailable
 
 State = tuple[np.ndarray, np.ndarray]  # (h, c), batch first: (1, L, H_out), (1, L, H)
+
+# Triton's sequence ids: an unsigned 64-bit integer or a string (0 and "": no sequence).
+MAX_SEQUENCE_ID = 2**64 - 1
+MAX_SEQUENCE_ID_CHARS = 128
+
+
+def check_sequence_id(value: Any) -> int | str:
+    """``value`` if it is a sequence id Triton takes; BadRequest naming the rule otherwise."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if integer and 0 <= value <= MAX_SEQUENCE_ID:
+        return int(value)
+    if isinstance(value, str) and len(value) <= MAX_SEQUENCE_ID_CHARS:
+        return value
+    if isinstance(value, str):
+        got = f"a string of {len(value)} characters"
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        got = f"an integer of {value.bit_length()} bits"
+    else:
+        got = f"{type(value).__name__} {value!r:.40}"
+    raise BadRequest(
+        f"sequence_id must be an unsigned 64-bit integer or a string of at most "
+        f"{MAX_SEQUENCE_ID_CHARS} characters, got {got}"
+    )
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """Run the app on uvicorn: in the foreground (``serve``, the CLI) or in a thread (tests, notebooks).
 
-Shutdown is graceful: on SIGTERM or SIGINT uvicorn stops accepting connections, lets in-flight
-requests finish (up to ``graceful_timeout_s``), then the app's lifespan runs what is still queued
-and stops the batcher; the process exits 0.
+Shutdown is a drain (``connections.DrainingServer``): on SIGTERM or SIGINT readiness and every new
+request answer 503 at once, new connections are refused, requests in progress finish with
+``Connection: close``, keep-alive clients lose no request; after at most ``drain_timeout_s`` the
+app's lifespan runs what is still queued and stops the batcher; the process exits 0.
+
+The connection limits (header timeout and size, keep-alive, concurrency), the opt-in TLS and the
+absence of a ``server`` header are set here, on uvicorn's h11 protocol (``connections``).
 """
 
 from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -20,6 +25,7 @@ import uvicorn
 
 from .app import create_app
 from .config import ANNOUNCE, MODEL_VERSION, ServeOptions
+from .connections import DrainingServer, Gate, protocol_class
 from .service import InferenceService
 
 
@@ -39,39 +45,63 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn(service: InferenceService, options: ServeOptions) -> uvicorn.Server:
+class TLSError(Exception):
+    """The TLS certificate or key cannot be loaded."""
+
+
+def _uvicorn(service: InferenceService, options: ServeOptions) -> DrainingServer:
+    """The server, loaded (a bad certificate fails here, before any port is bound)."""
+    gate = Gate(create_app(service), options.max_header_bytes, options.limit_concurrency)
     config = uvicorn.Config(
-        create_app(service),
+        gate,
+        # h11 always (not httptools, if installed): the limits and the drain live on its protocol.
+        http=protocol_class(options.header_timeout_s),
         log_level=options.log_level,
         access_log=options.access_log,
-        timeout_graceful_shutdown=int(options.graceful_timeout_s),
         lifespan="on",
+        server_header=False,
+        timeout_keep_alive=options.keep_alive_timeout_s,
+        h11_max_incomplete_event_size=options.max_header_bytes,
+        ssl_certfile=options.ssl_certfile,
+        ssl_keyfile=options.ssl_keyfile,
     )
-    return uvicorn.Server(config)
+    try:
+        config.load()
+    except (OSError, ssl.SSLError) as e:
+        raise TLSError(f"cannot load the TLS certificate/key: {e}") from None
+    return DrainingServer(config, gate, options.drain_timeout_s)
+
+
+def _scheme(options: ServeOptions) -> str:
+    return "https" if options.ssl_certfile is not None else "http"
 
 
 def serve(options: ServeOptions, announce: Callable[[str], Any] = print) -> int:
     """Serve in the foreground until SIGTERM/SIGINT; the exit code (0 after a clean drain).
 
-    Raises BundleError (before binding any port) if the bundle cannot be served, OSError if
-    the address cannot be bound.
+    Raises BundleError or TLSError (before binding any port) if the bundle or the certificate
+    cannot be served, OSError if the address cannot be bound.
     """
     service = InferenceService(options)
-    sock = bind_socket(options.host, options.port)
     server = _uvicorn(service, options)
+    sock = bind_socket(options.host, options.port)
     host, port = sock.getsockname()[:2]
     # uvicorn restores the signal handlers it found and re-raises the signal it stopped on, so
     # that a default handler kills the process (exit -15). A drained server should exit 0:
-    # leave it no-op handlers to find.
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    # leave it SIG_IGN to find. That stays after a drain: the process is about to exit 0, and a
+    # second signal (a supervisor's repeat, a test's terminate) must not make that -15. (A Python
+    # function would not do: interpreter shutdown resets those to SIG_DFL, not SIG_IGN.)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         models = ", ".join(f"'{n}'" for n in service.names)
-        announce(f"{ANNOUNCE} http://{host}:{port} (model {models}, version {MODEL_VERSION})")
+        address = f"{_scheme(options)}://{host}:{port}"
+        announce(f"{ANNOUNCE} {address} (model {models}, version {MODEL_VERSION})")
         sys.stdout.flush()
         server.run(sockets=[sock])
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if not server.started:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         sock.close()
     return 0 if server.started else 1
 
@@ -85,9 +115,9 @@ class ThreadedServer:
 
     def __init__(self, options: ServeOptions, start_timeout_s: float = 30.0) -> None:
         self.service = InferenceService(options)
+        self._server = _uvicorn(self.service, options)
         self._sock = bind_socket(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
-        self._server = _uvicorn(self.service, options)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import Hashable
 from contextlib import suppress
 from typing import Any
@@ -19,30 +20,30 @@ from lstm_deploy.bundle import C0, CN, H0, HN, INPUT, ONNX, BundleError
 
 from . import codecs, model_spec
 from .batching import fill_defaults
+from .codecpool import CodecPool, RawBody
 from .config import MODEL_VERSION, ServeOptions
-from .errors import BadRequest, NotFound, ServingError, Unavailable
+from .errors import BadRequest, NotFound, ServerFault, ServingError, Unavailable
 from .metrics import Metrics
 from .protocol import (
     InferRequest,
     InferResponse,
     OutputTensor,
-    encode_infer_response,
-    parse_infer_request,
+    RequestHeader,
 )
 from .runtime import OnnxModel
 from .scheduler import DynamicBatcher
-from .sequences import SequenceStore
-from .validation import check_inputs
+from .sequences import SequenceStore, check_sequence_id
+from .validation import check_header, check_inputs, check_response_size
 
 SERVER_NAME = "lstm-deploy-serving"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "sequence", "parameters"]
 STATE_INPUTS = (H0, C0)
+UINT64_MAX = 2**64 - 1  # Triton's timeout parameter: uint64 microseconds
+logger = logging.getLogger(__name__)
 
 
 def _sequence_parameters(params: dict[str, Any]) -> tuple[Hashable | None, bool, bool]:
-    seq_id = params.get("sequence_id", 0)
-    if isinstance(seq_id, bool) or not isinstance(seq_id, int | str):
-        raise BadRequest("sequence_id must be an integer or a string")
+    seq_id = check_sequence_id(params.get("sequence_id", 0))
     flags = [params.get(k, False) for k in ("sequence_start", "sequence_end")]
     if not all(isinstance(f, bool) for f in flags):
         raise BadRequest("sequence_start and sequence_end must be booleans")
@@ -57,8 +58,10 @@ def _timeout_s(params: dict[str, Any]) -> float | None:
     timeout = params.get("timeout")
     if timeout is None or timeout == 0:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
-        raise BadRequest("the timeout parameter must be a non-negative integer (microseconds)")
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= UINT64_MAX:
+        raise BadRequest(
+            "the timeout parameter must be a non-negative integer (microseconds, uint64)"
+        )
     return timeout / 1e6
 
 
@@ -73,6 +76,10 @@ class InferenceService:
         self.options = options
         self.bundle, self.spec = model_spec.load(options.bundle)
         self.model = OnnxModel(self.bundle.file(ONNX), self.spec, intra_op_threads=options.threads)
+        session = self.model.session
+        model_spec.check_graph(
+            self.spec, session.get_inputs(), session.get_outputs(), self.bundle.path
+        )
         self.name = options.model_name  # the primary name: logs and metrics use it
         self.names = tuple(dict.fromkeys((self.name, *options.model_aliases)))
         self.max_batch_size = (
@@ -88,6 +95,8 @@ class InferenceService:
             n: tuple(int(d) for d in self.spec.input(n).shape[1:]) for n in STATE_INPUTS
         }
         self.metrics = Metrics()
+        # Where bodies are decoded and responses encoded: large ones off the event loop.
+        self.codec_pool = CodecPool(options.max_codec_requests)
         self.ready = False
         self._batcher: DynamicBatcher | None = None
         self._sequences: SequenceStore | None = None
@@ -128,6 +137,7 @@ class InferenceService:
                 await self._sweeper
         if self._batcher is not None:
             await self._batcher.stop()
+        self.codec_pool.close()
 
     async def _sweep(self) -> None:
         """Free idle sequences even when no request comes to trigger it."""
@@ -198,18 +208,23 @@ class InferenceService:
     # -- inference ---------------------------------------------------------------------------
 
     async def infer_body(
-        self, body: bytes, header_length: int | None, model: str | None = None
+        self, body: RawBody | bytes, header_length: int | None, model: str | None = None
     ) -> tuple[bytes, dict[str, str]]:
         """Parse, run and encode one inference request for ``model`` (one of ``names``, checked
         by the caller; default the primary name); every failure is counted."""
         try:
             if not self.ready:
                 raise Unavailable(f"model '{model or self.name}' is not ready")
-            response = await self.infer(parse_infer_request(body, header_length), model)
-            encoded = encode_infer_response(response)
+            request = await self.codec_pool.decode(body, header_length, self._check_header)
+            response = await self.infer(request, model)
+            encoded = await self.codec_pool.encode(response)
         except ServingError:
             self.metrics.request_failure += 1
             raise
+        except Exception as e:  # a fault of ours, not the client's: 500, counted, logged
+            self.metrics.request_failure += 1
+            logger.exception("inference request failed")
+            raise ServerFault(f"internal error: {type(e).__name__}") from e
         self.metrics.request_success += 1
         return encoded
 
@@ -222,6 +237,9 @@ class InferenceService:
             max_steps=self.options.max_sequence_length,
         )
         wanted = self._requested_outputs(request)
+        check_response_size(
+            request.inputs, wanted, self.spec, limit=self.options.max_response_bytes
+        )
         seq_id, start, end = _sequence_parameters(request.parameters)
         timeout = _timeout_s(request.parameters)
         if seq_id is None:
@@ -235,7 +253,19 @@ class InferenceService:
             request.id,
         )
 
-    def _requested_outputs(self, request: InferRequest) -> list[tuple[str, bool]]:
+    def _check_header(self, header: RequestHeader) -> None:
+        """Refuse a request from its header alone, before its tensors are decoded."""
+        check_header(
+            header.inputs,
+            self.spec,
+            model=self.name,
+            max_batch_size=self.max_batch_size,
+            max_steps=self.options.max_sequence_length,
+        )
+        wanted = self._requested_outputs(header)
+        check_response_size(header.inputs, wanted, self.spec, limit=self.options.max_response_bytes)
+
+    def _requested_outputs(self, request: InferRequest | RequestHeader) -> list[tuple[str, bool]]:
         if request.outputs is None:
             return [(name, request.binary_output) for name in self.spec.output_names]
         for out in request.outputs:

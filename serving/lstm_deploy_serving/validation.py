@@ -7,7 +7,9 @@ request from the message alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -17,20 +19,24 @@ from . import codecs
 from .batching import check_lengths
 from .errors import BadRequest
 from .model_spec import ModelSpec
-from .protocol import InputTensor
+from .protocol import InputTensor, TensorHeader
 
 REQUIRED = (INPUT,)
 
+T = TypeVar("T", bound=TensorHeader)
 
-def _signature_form(t: InputTensor, spec: TensorSpec) -> InputTensor:
+
+def _signature_form(t: T, spec: TensorSpec) -> T:
     # Triton's configs declare a [batch] tensor (lengths) as dims [1] reshaped away, so Triton
     # clients send [batch, 1]: accept that form too, so the same client code works on both servers.
     if len(spec.shape) == 1 and len(t.shape) == 2 and t.shape[1] == 1:
-        return dataclasses.replace(t, shape=t.shape[:1], data=t.data.reshape(-1))
+        if isinstance(t, InputTensor):
+            return dataclasses.replace(t, shape=t.shape[:1], data=t.data.reshape(-1))
+        return dataclasses.replace(t, shape=t.shape[:1])
     return t
 
 
-def _check_tensor(t: InputTensor, spec: TensorSpec, model: str) -> None:
+def _check_tensor(t: TensorHeader, spec: TensorSpec, model: str) -> None:
     expected = codecs.datatype_of(spec.dtype)
     if t.datatype != expected:
         raise BadRequest(
@@ -49,6 +55,50 @@ def _check_tensor(t: InputTensor, spec: TensorSpec, model: str) -> None:
         )
 
 
+def check_header(
+    inputs: Sequence[TensorHeader],
+    spec: ModelSpec,
+    *,
+    model: str,
+    max_batch_size: int,
+    max_steps: int,
+) -> None:
+    """BadRequest on the first problem the request's names, datatypes and shapes show.
+
+    Needs no tensor values: the service runs it on the request's header, before any is decoded.
+    """
+    known = {t.name: t for t in spec.inputs}
+    for t in inputs:
+        if t.name not in known:
+            raise BadRequest(
+                f"unexpected inference input '{t.name}' for model '{model}' "
+                f"(its inputs: {', '.join(known)})"
+            )
+    shapes = {}
+    for t in inputs:
+        t = _signature_form(t, known[t.name])
+        _check_tensor(t, known[t.name], model)
+        shapes[t.name] = t.shape
+    for name in REQUIRED:
+        if name not in shapes:
+            raise BadRequest(f"expected input '{name}' for model '{model}', got none")
+    batch, steps = shapes[INPUT][:2]
+    if batch < 1:
+        raise BadRequest("inference request batch-size must be at least 1")
+    if batch > max_batch_size:
+        raise BadRequest(
+            f"inference request batch-size must be <= {max_batch_size} for '{model}', got {batch}"
+        )
+    for name, shape in shapes.items():
+        if shape[0] != batch:
+            raise BadRequest(f"input '{name}' has batch size {shape[0]}, but 'input' has {batch}")
+    if steps > max_steps:
+        raise BadRequest(
+            f"input 'input' has {steps} time steps, above this server's maximum of {max_steps} "
+            "(--max-sequence-length)"
+        )
+
+
 def check_inputs(
     inputs: Sequence[InputTensor],
     spec: ModelSpec,
@@ -61,40 +111,59 @@ def check_inputs(
 
     ``input`` is required; ``lengths``, ``h0``, ``c0`` are optional (filled in later).
     """
+    check_header(inputs, spec, model=model, max_batch_size=max_batch_size, max_steps=max_steps)
     known = {t.name: t for t in spec.inputs}
-    for t in inputs:
-        if t.name not in known:
-            raise BadRequest(
-                f"unexpected inference input '{t.name}' for model '{model}' "
-                f"(its inputs: {', '.join(known)})"
-            )
-    inputs = [_signature_form(t, known[t.name]) for t in inputs]
-    for t in inputs:
-        _check_tensor(t, known[t.name], model)
-    tensors = {t.name: t.data for t in inputs}
-    for name in REQUIRED:
-        if name not in tensors:
-            raise BadRequest(f"expected input '{name}' for model '{model}', got none")
-    x = tensors[INPUT]
-    batch, steps = x.shape[:2]
-    if batch < 1:
-        raise BadRequest("inference request batch-size must be at least 1")
-    if batch > max_batch_size:
-        raise BadRequest(
-            f"inference request batch-size must be <= {max_batch_size} for '{model}', got {batch}"
-        )
-    for name, value in tensors.items():
-        if value.shape[0] != batch:
-            raise BadRequest(
-                f"input '{name}' has batch size {value.shape[0]}, but 'input' has {batch}"
-            )
+    tensors = {t.name: _signature_form(t, known[t.name]).data for t in inputs}
     check_lengths(tensors)
-    if steps > max_steps:
-        raise BadRequest(
-            f"input 'input' has {steps} time steps, above this server's maximum of {max_steps} "
-            "(--max-sequence-length)"
-        )
     for name, value in tensors.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise BadRequest(f"input '{name}' contains NaN or Inf")
     return tensors
+
+
+def response_size(
+    inputs: Sequence[TensorHeader], outputs: Sequence[tuple[str, bool]], spec: ModelSpec
+) -> int:
+    """The most bytes the ``(name, binary)`` outputs can take for these inputs (checked ones).
+
+    The outputs' dynamic axes (batch, sequence) take their sizes from the inputs that name them.
+    """
+    known = {t.name: t for t in spec.inputs}
+    sizes: dict[str, int] = {}
+    for t in inputs:
+        t = _signature_form(t, known[t.name])
+        sizes.update(
+            (axis, size)
+            for axis, size in zip(known[t.name].shape, t.shape, strict=True)
+            if isinstance(axis, str)
+        )
+    total = 0
+    for name, binary in outputs:
+        out = next(o for o in spec.outputs if o.name == name)
+        count = math.prod(sizes[d] if isinstance(d, str) else d for d in out.shape)
+        total += codecs.encoded_size(np.dtype(out.dtype), count, binary)
+    return total
+
+
+def check_response_size(
+    inputs: Sequence[TensorHeader],
+    outputs: Sequence[tuple[str, bool]],
+    spec: ModelSpec,
+    *,
+    limit: int,
+) -> None:
+    """BadRequest, before any work, if the response could pass ``limit`` bytes."""
+    size = response_size(inputs, outputs, spec)
+    if size <= limit:
+        return
+    as_json = [name for name, binary in outputs if not binary]
+    advice = (
+        "ask for fewer outputs or binary data"
+        if as_json
+        else "ask for fewer outputs, or send fewer rows or time steps"
+    )
+    listed = ", ".join(f"{name} ({'binary' if binary else 'JSON'})" for name, binary in outputs)
+    raise BadRequest(
+        f"the response would take up to {size} bytes ({listed}), over this server's limit of "
+        f"{limit} bytes (--max-response-bytes): {advice}"
+    )
