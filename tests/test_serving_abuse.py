@@ -269,3 +269,19 @@ def test_largejson_refuses_before_parsing(
         return
     with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
         largejson.loads_header(raw)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_cut_off_compressed_body_is_refused(encoding: str) -> None:
+    """A stream cut before its end (for gzip: before its checksum) is not taken as the body."""
+    import zlib
+
+    from lstm_deploy_serving.codecpool import inflate
+    from lstm_deploy_serving.errors import BadRequest
+
+    wbits = 31 if encoding == "gzip" else 15
+    compressor = zlib.compressobj(wbits=wbits)
+    whole = compressor.compress(b'{"inputs": []}' * 100) + compressor.flush()
+    assert inflate(whole, encoding, 1 << 20) == b'{"inputs": []}' * 100
+    with pytest.raises(BadRequest, match="ends early"):
+        inflate(whole[:-4], encoding, 1 << 20)

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import largejson
+from .codecs import JSON_BYTES_PER_VALUE
 from .errors import BadRequest, PayloadTooLarge, Unavailable
 from .protocol import (
     HEADER_LENGTH,
@@ -36,8 +37,6 @@ from .protocol import (
 )
 
 INLINE_BYTES = 256 * 1024
-# An upper bound on a value's JSON text: Python's repr of a float takes at most 24 characters.
-_JSON_BYTES_PER_VALUE = 25
 # Content-Encoding -> zlib wbits (47 accepts both the zlib and the gzip container).
 DECOMPRESS_WBITS = {"gzip": 47, "deflate": 47}
 
@@ -83,6 +82,8 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
         raise BadRequest(f"the body is not valid {encoding} data: {e}") from None
     if len(plain) > limit:
         raise PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+    if not inflater.eof:  # cut off before its end (and, for gzip, before its checksum)
+        raise BadRequest(f"the body is not valid {encoding} data: the stream ends early")
     return plain
 
 
@@ -96,7 +97,7 @@ def _decode_large(
 
 def _response_size(response: InferResponse) -> int:
     return sum(
-        out.data.nbytes if out.binary else out.data.size * _JSON_BYTES_PER_VALUE
+        out.data.nbytes if out.binary else out.data.size * JSON_BYTES_PER_VALUE[out.data.dtype.kind]
         for out in response.outputs
     )
 
