@@ -67,16 +67,10 @@ class RequestHeader:
 
 
 @dataclass(frozen=True)
-class InferRequest:
-    inputs: tuple[InputTensor, ...]
-    # None: every output of the model, in binary iff ``binary_output``.
-    outputs: tuple[RequestedOutput, ...] | None = None
-    id: str | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
+class InferRequest(RequestHeader):
+    """The whole request: its header, with the inputs' values decoded."""
 
-    @property
-    def binary_output(self) -> bool:
-        return bool(self.parameters.get("binary_data_output", False))
+    inputs: tuple[InputTensor, ...]
 
 
 @dataclass(frozen=True)

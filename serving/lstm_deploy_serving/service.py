@@ -33,7 +33,7 @@ from .protocol import (
 from .runtime import OnnxModel
 from .scheduler import DynamicBatcher
 from .sequences import SequenceStore, check_sequence_id
-from .validation import check_header, check_inputs, check_response_size
+from .validation import check_header, check_response_size, input_values
 
 SERVER_NAME = "lstm-deploy-serving"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "sequence", "parameters"]
@@ -216,7 +216,7 @@ class InferenceService:
             if not self.ready:
                 raise Unavailable(f"model '{model or self.name}' is not ready")
             request = await self.codec_pool.decode(body, header_length, self._check_header)
-            response = await self.infer(request, model)
+            response = await self._infer(request, model)
             encoded = await self.codec_pool.encode(response)
         except ServingError:
             self.metrics.request_failure += 1
@@ -228,18 +228,10 @@ class InferenceService:
         self.metrics.request_success += 1
         return encoded
 
-    async def infer(self, request: InferRequest, model: str | None = None) -> InferResponse:
-        tensors = check_inputs(
-            request.inputs,
-            self.spec,
-            model=self.name,
-            max_batch_size=self.max_batch_size,
-            max_steps=self.options.max_sequence_length,
-        )
+    async def _infer(self, request: InferRequest, model: str | None = None) -> InferResponse:
+        """Run a request whose header ``_check_header`` passed when it was decoded."""
+        tensors = input_values(request.inputs, self.spec)
         wanted = self._requested_outputs(request)
-        check_response_size(
-            request.inputs, wanted, self.spec, limit=self.options.max_response_bytes
-        )
         seq_id, start, end = _sequence_parameters(request.parameters)
         timeout = _timeout_s(request.parameters)
         if seq_id is None:
@@ -265,7 +257,7 @@ class InferenceService:
         wanted = self._requested_outputs(header)
         check_response_size(header.inputs, wanted, self.spec, limit=self.options.max_response_bytes)
 
-    def _requested_outputs(self, request: InferRequest | RequestHeader) -> list[tuple[str, bool]]:
+    def _requested_outputs(self, request: RequestHeader) -> list[tuple[str, bool]]:
         if request.outputs is None:
             return [(name, request.binary_output) for name in self.spec.output_names]
         for out in request.outputs:

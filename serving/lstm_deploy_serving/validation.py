@@ -99,19 +99,13 @@ def check_header(
         )
 
 
-def check_inputs(
-    inputs: Sequence[InputTensor],
-    spec: ModelSpec,
-    *,
-    model: str,
-    max_batch_size: int,
-    max_steps: int,
-) -> dict[str, np.ndarray]:
-    """The request's tensors by name, each checked; BadRequest on the first problem.
+def input_values(inputs: Sequence[InputTensor], spec: ModelSpec) -> dict[str, np.ndarray]:
+    """The request's tensors by name, in the signature's form; BadRequest on bad values.
 
-    ``input`` is required; ``lengths``, ``h0``, ``c0`` are optional (filled in later).
+    Their names, datatypes and shapes are ``check_header``'s, run before they were decoded:
+    ``lengths`` is checked here, and floats for NaN or Inf. ``input`` is required; ``lengths``,
+    ``h0``, ``c0`` are optional (filled in later).
     """
-    check_header(inputs, spec, model=model, max_batch_size=max_batch_size, max_steps=max_steps)
     known = {t.name: t for t in spec.inputs}
     tensors = {t.name: _signature_form(t, known[t.name]).data for t in inputs}
     check_lengths(tensors)
