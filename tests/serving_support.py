@@ -24,7 +24,8 @@ NUM_LAYERS = 2
 
 
 def export_onnx_bundle(out: Path) -> Path:
-    """The serving tests' bundle: model.onnx of a small 2-layer LSTM (see tests/conftest.py)."""
+    """The serving tests' bundle: model.onnx (and model.int8.onnx, which `serve --artifact`
+    runs) of a small 2-layer LSTM (see tests/conftest.py)."""
     import torch
     from lstm_deploy_export.export.writer import export_bundle
 
@@ -32,7 +33,7 @@ def export_onnx_bundle(out: Path) -> Path:
 
     torch.manual_seed(0)
     model = lstm_deploy.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=NUM_LAYERS, batch_first=True)
-    return export_bundle(model, out, artifacts=("onnx",)).path
+    return export_bundle(model, out, artifacts=("onnx", "int8")).path
 
 
 class Reference:
@@ -83,6 +84,19 @@ def running_server(bundle: Path, **overrides: object) -> Iterator[str]:
         yield f"127.0.0.1:{server.port}"
 
 
+@contextmanager
+def running_servers(bundle: Path, **overrides: object) -> Iterator[tuple[str, str]]:
+    """``running_server`` with its gRPC server too; yield the HTTP and the gRPC ``host:port``."""
+    from lstm_deploy_serving.config import ServeOptions
+    from lstm_deploy_serving.server import ThreadedServer
+
+    overrides.setdefault("log_level", "warning")
+    options = ServeOptions(bundle=bundle, host="127.0.0.1", port=0, **overrides)  # type: ignore[arg-type]
+    with ThreadedServer(options) as server:
+        assert server.grpc_port, "the gRPC server did not start"
+        yield f"127.0.0.1:{server.port}", f"127.0.0.1:{server.grpc_port}"
+
+
 def metrics(url: str) -> dict[str, float]:
     """The server's /metrics samples by metric name."""
     with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as r:
@@ -101,3 +115,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def perf_analyzer_exe() -> Path:
+    """perf_analyzer: $LSTM_DEPLOY_PERF_ANALYZER, else scripts/setup_perf_analyzer.sh's wrapper in
+    .venv-perf-analyzer; without it a skip saying how to install it, and a failure on CI (CI=true),
+    whose .ci/run installs it."""
+    import os
+
+    import pytest
+    from lstm_deploy_serving.perf_analyzer import ENV
+
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(os.environ.get(ENV) or root / ".venv-perf-analyzer" / "perf_analyzer")
+    if not exe.is_file():
+        message = f"no perf_analyzer at {exe}: run scripts/setup_perf_analyzer.sh (or set {ENV})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return exe

@@ -115,6 +115,16 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         400,
         "Expected [-1,-1,8], got [1,5,3]",
     ),
+    (
+        # lengths comes as [batch, 1] (Triton's form, the metadata's) or [batch] (the signature's)
+        "lengths-shape",
+        INFER,
+        _json_body(_tensor("input", X), _tensor("lengths", np.array([[5, 5]]), "INT64")),
+        {},
+        400,
+        "unexpected shape for input 'lengths' for model 'lstm_onnx'. Expected [-1,1] or [-1], "
+        "got [1,2]",
+    ),
     ("nan-json", INFER, _json_body(_tensor("input", NAN)), {}, 400, "contains NaN or Inf"),
     ("inf-binary", INFER, *_binary_body(INF), 400, "contains NaN or Inf"),
     ("zero-steps", INFER, _json_body(_tensor("input", X[:, :0])), {}, 400, "0 time steps"),

@@ -569,8 +569,14 @@ def _edited(onnx_bundle: Path, tmp_path: Path, *edits: tuple[str, Any]) -> Path:
             [("signature.inputs.1.dtype", "int32")],
             "input 'lengths': signature int32 [batch], config int64 [batch]",
         ),
+        (
+            # The served config, which the metadata (and so clients) read, edited alone.
+            [("triton.lstm_python.input.2.dims", [3, 16])],
+            "triton.lstm_python and the signature disagree: input 'h0': signature float32 "
+            "[batch, 2, 16], triton.lstm_python TYPE_FP32 dims [3, 16]",
+        ),
     ],
-    ids=["input-size", "signature-only", "hidden-size", "lengths-dtype"],
+    ids=["input-size", "signature-only", "hidden-size", "lengths-dtype", "triton-config"],
 )
 def test_manifest_and_model_disagree_refuses_to_start(
     capsys: pytest.CaptureFixture[str],

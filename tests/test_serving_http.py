@@ -63,7 +63,7 @@ def test_health_and_metadata(client: http.InferenceServerClient, onnx_bundle: Pa
     shapes = {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"] + meta["outputs"]}
     assert shapes == {
         "input": ("FP32", [-1, -1, 8]),
-        "lengths": ("INT64", [-1]),
+        "lengths": ("INT64", [-1, 1]),  # as Triton presents the config's dims [1]
         "h0": ("FP32", [-1, 2, 16]),
         "c0": ("FP32", [-1, 2, 16]),
         "output": ("FP32", [-1, -1, 16]),
@@ -78,8 +78,17 @@ def test_config_is_the_bundles_triton_config(
 ) -> None:
     import json
 
+    # lstm_python's: the Triton model this server is (same batcher, same optional inputs),
+    # under the served name, with the fields Triton fills in when it loads a config.
     manifest = json.loads((onnx_bundle / "manifest.json").read_text())
-    assert client.get_model_config(MODEL) == manifest["triton"]["lstm_onnx"]
+    config = client.get_model_config(MODEL)
+    written = manifest["triton"]["lstm_python"]
+    filled = {
+        "version_policy": {"latest": {"num_versions": 1}},
+        "dynamic_batching": {**written["dynamic_batching"], "preferred_batch_size": [64]},
+        "instance_group": [{**written["instance_group"][0], "name": f"{MODEL}_0"}],
+    }
+    assert config == {**written, "name": MODEL, **filled}
 
 
 def test_unknown_model_and_version_are_404(client: http.InferenceServerClient) -> None:

@@ -125,6 +125,10 @@ def create_app(service: InferenceService) -> Starlette:
         content, headers = await service.infer_body(body, header_length, model)
         return Response(content, 200, headers=headers)
 
+    async def statistics(request: Request) -> Response:
+        params = request.path_params
+        return _json(service.model_statistics(params.get("model"), params.get("version")))
+
     async def metrics(request: Request) -> Response:
         return Response(service.render_metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
 
@@ -132,7 +136,7 @@ def create_app(service: InferenceService) -> Starlette:
         # A fault outside the service's own accounting (reading the body, say): Triton's JSON
         # all the same, and a failed inference request in the metrics.
         if request.url.path.endswith("/infer"):
-            service.metrics.request_failure += 1
+            service.stats.record_failure(0)
         return _error(f"internal error: {type(exc).__name__}", 500)
 
     @asynccontextmanager
@@ -147,6 +151,9 @@ def create_app(service: InferenceService) -> Starlette:
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2", server_metadata),
+        # Before /v2/models/{model}: "stats" is the statistics of every model, not a model.
+        Route("/v2/models/stats", statistics),
+        *model_route("/stats", statistics),
         *model_route("", model_metadata),
         *model_route("/ready", model_ready),
         *model_route("/config", model_config),

@@ -52,6 +52,13 @@ def resolve_api_key(
     return None
 
 
+def bearer_matches(authorization: bytes, key: bytes) -> bool:
+    """Whether an ``Authorization`` value (HTTP header, gRPC metadata) is ``Bearer KEY``."""
+    scheme, _, token = authorization.strip().partition(b" ")
+    # compare_digest runs in time independent of where the bytes differ.
+    return hmac.compare_digest(token.strip(), key) and scheme.lower() == b"bearer"
+
+
 class ApiKeyAuth:
     """ASGI middleware: 401 with Triton's ``{"error": "..."}`` unless the bearer token matches."""
 
@@ -61,9 +68,7 @@ class ApiKeyAuth:
 
     def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         value = next((v for k, v in headers if k == b"authorization"), b"")
-        scheme, _, token = value.strip().partition(b" ")
-        # compare_digest runs in time independent of where the bytes differ.
-        return hmac.compare_digest(token.strip(), self._key) and scheme.lower() == b"bearer"
+        return bearer_matches(value, self._key)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (
@@ -88,4 +93,11 @@ def api_key_middleware(api_key: str | None) -> list[Middleware]:
     return [] if api_key is None else [Middleware(ApiKeyAuth, api_key=api_key)]
 
 
-__all__ = ["API_KEY_ENV", "ApiKeyAuth", "ApiKeyError", "api_key_middleware", "resolve_api_key"]
+__all__ = [
+    "API_KEY_ENV",
+    "ApiKeyAuth",
+    "ApiKeyError",
+    "api_key_middleware",
+    "bearer_matches",
+    "resolve_api_key",
+]

@@ -1,4 +1,4 @@
-"""Command line: ``serve`` and ``loadtest`` subcommands.
+"""Command line: ``serve`` and ``loadtest`` (``loadtest_cli.py``) subcommands.
 
 ``register(subparsers)`` adds both to any argparse CLI (the top-level ``lstm-deploy`` uses it);
 ``main`` is the standalone ``python -m lstm_deploy_serving``. Nothing heavy is imported until a
@@ -12,17 +12,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lstm_deploy.cli_common import EXIT_USAGE, UsageError, int_at_least, int_list, number
+from lstm_deploy.bundle import INT8_ONNX
+from lstm_deploy.cli_common import EXIT_USAGE, UsageError, int_at_least, number
 
 from .config import DEFAULT_MODEL_NAME, ServeOptions
+from .loadtest_cli import add_loadtest
+from .model_spec import SERVED_ARTIFACTS
 
 SERVE_HELP = """\
-Serve a bundle's model.onnx over HTTP with the KServe v2 / Open Inference Protocol, as Triton
-speaks it: tritonclient, curl or any KServe v2 client works unchanged.
+Serve a bundle's model.onnx over HTTP and gRPC with the KServe v2 / Open Inference Protocol, as
+Triton speaks it: tritonclient (http and grpc), curl or any KServe v2 client works unchanged.
 
-  GET  /v2/health/live | /v2/health/ready | /v2 | /metrics
-  GET  /v2/models/lstm_onnx[/versions/1][/ready|/config]
+  GET  /v2/health/live | /v2/health/ready | /v2 | /metrics | /v2/models/stats
+  GET  /v2/models/lstm_onnx[/versions/1][/ready|/config|/stats]
   POST /v2/models/lstm_onnx[/versions/1]/infer
+  gRPC inference.GRPCInferenceService on --grpc-port (default: --port + 1, as Triton's
+       8000/8001): ModelInfer, ModelStreamInfer (sequences), metadata, config, statistics
 
 Concurrent requests are merged into one ONNX Runtime run (dynamic batching, padded to the longest
 sequence); requests with sequence_id/sequence_start/sequence_end keep the LSTM state (h, c)
@@ -32,19 +37,6 @@ example:
   lstm-deploy serve ./bundle --port 8000
   curl -s localhost:8000/v2/models/lstm_onnx/infer -d '{"inputs": [{"name": "input",
     "datatype": "FP32", "shape": [1, 2, 16], "data": [0.1, ...]}]}'
-"""
-
-LOADTEST_HELP = """\
-Drive a server with tritonclient at several concurrency levels and print throughput and
-p50/p90/p99 latency as a Markdown table. Each request is one sequence (batch 1) of a random
-length in [--min-steps, --max-steps].
-
-Either point it at a running server (URL), or give --bundle: it then starts the server itself
-twice on free loopback ports, with dynamic batching and without, and compares them.
-
-examples:
-  lstm-deploy loadtest 127.0.0.1:8000 --concurrency 1,8,32
-  lstm-deploy loadtest --bundle ./bundle --concurrency 1,8,32 --requests 400
 """
 
 
@@ -57,11 +49,18 @@ def _add_serve(subparsers: Any) -> None:
     d = ServeOptions(bundle=Path("."))
     p = subparsers.add_parser(
         "serve",
-        help="serve a bundle over HTTP (KServe v2, Triton-compatible)",
+        help="serve a bundle over HTTP and gRPC (KServe v2, Triton-compatible)",
         description=SERVE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bundle", type=Path, help="bundle directory (manifest.json + model.onnx)")
+    p.add_argument(
+        "--artifact",
+        choices=SERVED_ARTIFACTS,
+        default=d.artifact,
+        help=f"the bundle's graph to run (default: %(default)s); {INT8_ONNX} has int8 weights: "
+        "faster on the CPU, its outputs within README's int8 tolerance of model.onnx's",
+    )
     p.add_argument(
         "--host",
         default=d.host,
@@ -72,6 +71,19 @@ def _add_serve(subparsers: Any) -> None:
         type=_non_negative_int,
         default=d.port,
         help="port to bind; 0 picks a free one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--grpc-port",
+        type=_non_negative_int,
+        default=None,
+        help="port of the gRPC server; 0 picks a free one (default: --port + 1, or a free one "
+        "with --port 0)",
+    )
+    p.add_argument(
+        "--no-grpc",
+        dest="grpc",
+        action="store_false",
+        help="serve HTTP only",
     )
     p.add_argument(
         "--model-name",
@@ -234,77 +246,25 @@ def _add_serve_connections(p: argparse.ArgumentParser, d: ServeOptions) -> None:
     )
 
 
-def _add_loadtest(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "loadtest",
-        help="measure a server's throughput and latency, with and without dynamic batching",
-        description=LOADTEST_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("url", nargs="?", help="a running server, e.g. 127.0.0.1:8000")
-    p.add_argument(
-        "--bundle",
-        type=Path,
-        help="start the server from this bundle instead, with and without batching",
-    )
-    p.add_argument(
-        "--model-name", default=DEFAULT_MODEL_NAME, help="model to call (default: %(default)s)"
-    )
-    p.add_argument(
-        "--concurrency",
-        type=int_list(1),
-        default=[1, 8, 32],
-        help="comma-separated numbers of requests in flight (default: 1,8,32)",
-    )
-    p.add_argument(
-        "--requests",
-        type=_positive_int,
-        default=200,
-        help="requests per concurrency level (default: %(default)s)",
-    )
-    p.add_argument(
-        "--min-steps",
-        type=_positive_int,
-        default=16,
-        help="shortest sequence, time steps (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-steps",
-        type=_positive_int,
-        default=128,
-        help="longest sequence, time steps (default: %(default)s)",
-    )
-    p.add_argument(
-        "--warmup",
-        type=_non_negative_int,
-        default=10,
-        help="requests sent before measuring each level (default: %(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    p.add_argument(
-        "--threads",
-        type=_non_negative_int,
-        default=1,
-        help="with --bundle: ONNX Runtime threads of each server it starts; they share the "
-        "machine with this client, so 1 avoids oversubscribing it (default: %(default)s)",
-    )
-    p.set_defaults(func=run_loadtest)
-
-
 def register(subparsers: Any) -> None:
     """Add ``serve`` and ``loadtest`` to an argparse subparsers object."""
     _add_serve(subparsers)
-    _add_loadtest(subparsers)
+    add_loadtest(subparsers)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from lstm_deploy.bundle import BundleError
 
     from .auth import ApiKeyError, resolve_api_key
+    from .connections import FrontEndError
     from .server import TLSError, serve
 
     if args.ssl_keyfile is not None and args.ssl_certfile is None:
         raise UsageError("--ssl-keyfile needs --ssl-certfile")
+    if not args.grpc and args.grpc_port is not None:
+        raise UsageError("--grpc-port and --no-grpc contradict each other: give one")
+    if args.grpc and args.grpc_port is None and args.port == 65535:
+        raise UsageError("--port 65535 leaves no port + 1 for gRPC: pass --grpc-port")
     try:
         api_key = resolve_api_key(args.api_key, args.api_key_file)
     except ApiKeyError as e:
@@ -313,8 +273,11 @@ def run_serve(args: argparse.Namespace) -> int:
     names = args.model_names or [DEFAULT_MODEL_NAME]
     options = ServeOptions(
         bundle=args.bundle,
+        artifact=args.artifact,
         host=args.host,
         port=args.port,
+        grpc=args.grpc,
+        grpc_port=args.grpc_port,
         model_name=names[0],
         model_aliases=tuple(names[1:]),
         max_batch_size=args.max_batch_size,
@@ -343,40 +306,16 @@ def run_serve(args: argparse.Namespace) -> int:
         return serve(options)
     except BundleError as e:
         raise UsageError(str(e)) from None
-    except TLSError as e:
+    except (TLSError, FrontEndError) as e:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
 
-def run_loadtest(args: argparse.Namespace) -> int:
-    if (args.url is None) == (args.bundle is None):
-        raise UsageError("give either a server URL or --bundle, not both and not neither")
-    if args.min_steps > args.max_steps:
-        raise UsageError(f"--min-steps {args.min_steps} is above --max-steps {args.max_steps}")
-    from .loadtest import LoadSpec, LoadtestError, run
-
-    spec = LoadSpec(
-        model_name=args.model_name,
-        concurrency=args.concurrency,
-        requests=args.requests,
-        min_steps=args.min_steps,
-        max_steps=args.max_steps,
-        warmup=args.warmup,
-        seed=args.seed,
-    )
-    try:
-        table = run(spec, url=args.url, bundle=args.bundle, threads=args.threads)
-    except LoadtestError as e:
-        raise UsageError(str(e)) from None
-    print(table)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lstm_deploy_serving",
-        description="Serve an lstm-deploy bundle over KServe v2 (Triton-compatible) HTTP.",
+        description="Serve an lstm-deploy bundle over KServe v2 (Triton-compatible) HTTP and gRPC.",
     )
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

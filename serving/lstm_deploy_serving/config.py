@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lstm_deploy.bundle import ONNX
+
 DEFAULT_MODEL_NAME = "lstm_onnx"
 MODEL_VERSION = "1"
 # The line `serve` prints once its socket listens; `launch` reads the address from it.
 ANNOUNCE = "lstm-deploy-serving: listening on"
+# And the line the gRPC server prints once it listens (HOST:PORT follows).
+GRPC_ANNOUNCE = "lstm-deploy-serving: gRPC listening on"
 
 
 @dataclass(frozen=True)
@@ -20,8 +24,14 @@ class ServeOptions:
     """
 
     bundle: Path
+    # The bundle's ONNX graph to run: model.onnx, or model.int8.onnx (int8 weights, CPU only).
+    artifact: str = ONNX
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the address is printed once bound)
+    # KServe v2 gRPC beside HTTP, on the same service; None: port + 1, as Triton (any free one
+    # when port is 0).
+    grpc: bool = True
+    grpc_port: int | None = None
     model_name: str = DEFAULT_MODEL_NAME
     # More names the same model answers to: a Triton repository's lstm_python and
     # lstm_python_stateful are one model here, so a Triton client's code runs unchanged.
@@ -53,3 +63,10 @@ class ServeOptions:
     ssl_keyfile: Path | None = None
     log_level: str = "info"
     access_log: bool = False
+
+    @property
+    def grpc_address(self) -> tuple[str, int]:
+        """Where the gRPC server listens: ``grpc_port``, else the HTTP port + 1."""
+        if self.grpc_port is not None:
+            return self.host, self.grpc_port
+        return self.host, self.port + 1 if self.port else 0

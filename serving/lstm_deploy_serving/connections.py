@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import h11
 import uvicorn
@@ -185,6 +186,24 @@ class Gate:
         await self.app(scope, receive, send_closing_when_draining)
 
 
+class FrontEndError(Exception):
+    """Another front end (gRPC) cannot start; the message says why and what to do."""
+
+
+class FrontEnd(Protocol):
+    """Another front end on the HTTP server's event loop (the gRPC server): started before it,
+    drained with it, finished before the app's lifespan stops the service."""
+
+    port: int  # the port it listens on, once started
+
+    async def start(self) -> None: ...
+
+    def drain(self, grace_s: float) -> None:
+        """Accept no new work; finish what is in flight within ``grace_s``."""
+
+    async def wait_drained(self) -> None: ...
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain that keep-alive clients survive.
 
@@ -194,12 +213,21 @@ class DrainingServer(uvicorn.Server):
     send one more request (answered 503 with a close) before they are closed. After
     ``drain_timeout_s`` what is left is cancelled and closed; then the app's lifespan shuts down.
     uvicorn's own shutdown closes idle keep-alive connections at once: a client that had just
-    sent its next request on one lost it (reset, broken pipe).
+    sent its next request on one lost it (reset, broken pipe). Other front ends (``others``: the
+    gRPC server) start before it, begin their drain with it, and are waited for before the
+    lifespan stops the service.
     """
 
-    def __init__(self, config: uvicorn.Config, gate: Gate, drain_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        gate: Gate,
+        drain_timeout_s: float,
+        others: Sequence[FrontEnd] = (),
+    ) -> None:
         super().__init__(config)
         self.gate = gate
+        self.others = tuple(others)
         gate.state = self.server_state
         self.drain_timeout_s = drain_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -207,6 +235,8 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop, self._sockets = asyncio.get_running_loop(), list(sockets or [])
+        for other in self.others:
+            await other.start()
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -221,6 +251,8 @@ class DrainingServer(uvicorn.Server):
         if self.gate.draining:
             return
         self.gate.draining = True
+        for other in self.others:
+            other.drain(self.drain_timeout_s)
         for server in self.servers:
             server.close()
         for sock in self._sockets:
@@ -253,7 +285,17 @@ class DrainingServer(uvicorn.Server):
                 break
             await asyncio.sleep(0.02)
         if not self.force_exit:
+            # Each front end bounds its own drain by the same timeout.
+            await asyncio.gather(*(other.wait_drained() for other in self.others))
             await self.lifespan.shutdown()
 
 
-__all__ = ["DRAIN_IDLE_GRACE_S", "DrainingServer", "Gate", "LimitedH11Protocol", "protocol_class"]
+__all__ = [
+    "DRAIN_IDLE_GRACE_S",
+    "DrainingServer",
+    "FrontEnd",
+    "FrontEndError",
+    "Gate",
+    "LimitedH11Protocol",
+    "protocol_class",
+]

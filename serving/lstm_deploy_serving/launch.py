@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from .config import ANNOUNCE
+from .config import ANNOUNCE, GRPC_ANNOUNCE
 
 
 class ServerProcess:
@@ -31,7 +31,8 @@ class ServerProcess:
         start_timeout_s: how long to wait for the child to listen and be ready.
         env: extra environment variables of the child, e.g. ``LSTM_DEPLOY_API_KEY``.
 
-    ``url`` is ``host:port`` (what tritonclient takes); ``scheme`` is ``http`` or ``https``.
+    ``url`` is ``host:port`` (what tritonclient takes); ``scheme`` is ``http`` or ``https``;
+    ``grpc_url`` is the gRPC server's ``host:port`` (empty with ``--no-grpc``).
     """
 
     def __init__(
@@ -60,7 +61,11 @@ class ServerProcess:
         self.scheme = "http"
         self.lines: list[str] = []
         self.url = ""
+        self.grpc_url = ""
         self._announced = threading.Event()
+        self._grpc_announced = threading.Event()
+        if "--no-grpc" in self.command:
+            self._grpc_announced.set()
         self.process: subprocess.Popen[str] | None = None
         self._pump_thread: threading.Thread | None = None
 
@@ -71,6 +76,9 @@ class ServerProcess:
             if line.startswith(ANNOUNCE):
                 self.scheme, _, self.url = line[len(ANNOUNCE) :].split()[0].partition("://")
                 self._announced.set()
+            elif line.startswith(GRPC_ANNOUNCE):
+                self.grpc_url = line[len(GRPC_ANNOUNCE) :].split()[0]
+                self._grpc_announced.set()
 
     def __enter__(self) -> ServerProcess:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
@@ -80,7 +88,8 @@ class ServerProcess:
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
         deadline = time.monotonic() + self.start_timeout_s
-        while not (self._announced.is_set() and self._ready()):
+        announced = (self._announced, self._grpc_announced)
+        while not (all(e.is_set() for e in announced) and self._ready()):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError("the server did not start:\n" + "\n".join(self.lines))

@@ -1,14 +1,21 @@
-"""Load test: tritonclient (asyncio) at several concurrency levels; a Markdown table of results.
+"""Load test at several concurrency levels; a Markdown table of results.
 
-Each request is one sequence (batch 1) of a random length; the inputs are generated once, up
-front, so the client spends its time sending. Throughput is requests per second over the level;
-latency is per request, as the client sees it. ``rows/exec`` (from the server's /metrics) is how
-many requests the server merged into each ONNX Runtime run on average: 1.0 without batching.
+Each request is one sequence (batch 1) of a random length, ``input`` alone. Two clients (``tool``):
+
+- ``client``: tritonclient (asyncio, HTTP); the inputs are generated once, up front, so the
+  client spends its time sending. Throughput is requests per second over the level; latency is
+  per request, as the client sees it.
+- ``perf_analyzer``: NVIDIA's own benchmarking client (``perf_analyzer.py``), over HTTP or gRPC,
+  which measures until its windows are stable; the same table from its figures.
+
+``rows/exec`` is how many requests the server merged into each ONNX Runtime run on average (1.0
+without batching): from the server's /metrics for ``client``, its statistics for perf_analyzer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -20,7 +27,12 @@ import numpy as np
 
 from lstm_deploy.bundle import INPUT, MANIFEST
 
+from . import perf_analyzer
 from .launch import ServerProcess
+
+TOOLS = ("client", "perf_analyzer")
+# perf_analyzer's --input-data: this many requests of random lengths, sent in turn.
+PERF_ANALYZER_REQUESTS = 64
 
 
 class LoadtestError(Exception):
@@ -31,36 +43,58 @@ class LoadtestError(Exception):
 class LoadSpec:
     model_name: str = "lstm_onnx"
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
-    requests: int = 200
+    requests: int = 200  # client: requests per level (perf_analyzer measures by time windows)
     min_steps: int = 16
     max_steps: int = 128
-    warmup: int = 10
+    warmup: int = 10  # client: requests before each level (perf_analyzer: its unstable windows)
     seed: int = 0
+    tool: str = "client"
+    protocol: str = "http"  # perf_analyzer: http or grpc (client: http)
+    perf_analyzer: Path | None = None  # None: perf_analyzer.find's search
+    measurement_ms: int = 2000
+    stability_percent: int = 25
 
 
 @dataclass(frozen=True)
 class LevelResult:
+    """One row of the table: a server at one concurrency level."""
+
     server: str
     concurrency: int
     requests: int
     errors: int
-    seconds: float
-    latencies_ms: np.ndarray
-    executions: float
-    inferences: float
+    throughput: float  # successful requests per second
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    rows_per_exec: float
 
-    @property
-    def throughput(self) -> float:
-        return (self.requests - self.errors) / self.seconds
+    @classmethod
+    def from_latencies(
+        cls,
+        server: str,
+        concurrency: int,
+        requests: int,
+        errors: int,
+        seconds: float,
+        latencies_ms: np.ndarray,
+        executions: float,
+        inferences: float,
+    ) -> LevelResult:
+        def percentile(q: float) -> float:
+            return float(np.percentile(latencies_ms, q)) if latencies_ms.size else float("nan")
 
-    def percentile(self, q: float) -> float:
-        return (
-            float(np.percentile(self.latencies_ms, q)) if self.latencies_ms.size else float("nan")
+        return cls(
+            server,
+            concurrency,
+            requests,
+            errors,
+            (requests - errors) / seconds,
+            percentile(50),
+            percentile(90),
+            percentile(99),
+            inferences / executions if executions else float("nan"),
         )
-
-    @property
-    def rows_per_exec(self) -> float:
-        return self.inferences / self.executions if self.executions else float("nan")
 
 
 def _scrape(url: str) -> dict[str, float]:
@@ -139,7 +173,7 @@ async def _measure_async(url: str, spec: LoadSpec, label: str) -> list[LevelResu
                 return a.get(name, 0.0) - b.get(name, 0.0)
 
             results.append(
-                LevelResult(
+                LevelResult.from_latencies(
                     label,
                     concurrency,
                     spec.requests,
@@ -155,19 +189,89 @@ async def _measure_async(url: str, spec: LoadSpec, label: str) -> list[LevelResu
         await client.close()
 
 
+def _model_info(url: str, spec: LoadSpec) -> tuple[int, dict[str, Any]]:
+    """The model's input size (its metadata) and its config, over ``spec.protocol``."""
+    try:
+        if spec.protocol == "grpc":
+            import tritonclient.grpc as api
+        else:
+            import tritonclient.http as api
+    except ImportError as e:
+        raise LoadtestError(
+            f"loadtest needs tritonclient[{spec.protocol}] ({e}); "
+            f"pip install 'tritonclient[{spec.protocol}]'"
+        ) from None
+    client = api.InferenceServerClient(url)
+    try:
+        kwargs = {"as_json": True} if spec.protocol == "grpc" else {}
+        metadata = client.get_model_metadata(spec.model_name, **kwargs)
+        config = client.get_model_config(spec.model_name, **kwargs)
+    except Exception as e:  # tritonclient's own exception types, per protocol
+        raise LoadtestError(
+            f"no server at {url} ({spec.protocol}) with model '{spec.model_name}': {e}"
+        ) from None
+    finally:
+        client.close()
+    config = config.get("config", config)  # gRPC wraps it
+    feature = next(t["shape"][2] for t in metadata["inputs"] if t["name"] == INPUT)
+    return int(feature), config
+
+
+def _measure_perf_analyzer(url: str, spec: LoadSpec, label: str) -> list[LevelResult]:
+    try:
+        exe = perf_analyzer.find(spec.perf_analyzer)
+        input_size, _ = _model_info(url, spec)
+        with tempfile.TemporaryDirectory(prefix="lstm-deploy-loadtest-") as tmp:
+            data = perf_analyzer.write_input_data(
+                Path(tmp) / "input.json",
+                input_size,
+                spec.min_steps,
+                spec.max_steps,
+                PERF_ANALYZER_REQUESTS,
+                spec.seed,
+            )
+            found = [
+                perf_analyzer.measure(
+                    exe,
+                    url,
+                    spec.model_name,
+                    concurrency,
+                    data,
+                    protocol=spec.protocol,
+                    measurement_ms=spec.measurement_ms,
+                    stability_percent=spec.stability_percent,
+                )
+                for concurrency in spec.concurrency
+            ]
+    except perf_analyzer.PerfAnalyzerError as e:
+        raise LoadtestError(str(e)) from None
+    # perf_analyzer stops at the first failed request: a completed level had no errors.
+    return [
+        LevelResult(
+            server=label,
+            concurrency=m.concurrency,
+            requests=m.requests,
+            errors=0,
+            throughput=m.throughput,
+            p50_ms=m.p50_ms,
+            p90_ms=m.p90_ms,
+            p99_ms=m.p99_ms,
+            rows_per_exec=m.rows_per_exec,
+        )
+        for m in found
+    ]
+
+
 def measure(url: str, spec: LoadSpec, label: str) -> list[LevelResult]:
-    """Run every concurrency level of ``spec`` against the server at ``url`` (host:port)."""
+    """Run every concurrency level of ``spec`` against the server at ``url`` (host:port of
+    ``spec.protocol``)."""
+    if spec.tool == "perf_analyzer":
+        return _measure_perf_analyzer(url, spec, label)
     return asyncio.run(_measure_async(url, spec, label))
 
 
-def _server_label(url: str, model: str) -> str:
-    import json
-
-    try:
-        with urllib.request.urlopen(f"http://{url}/v2/models/{model}/config", timeout=10) as r:
-            config = json.loads(r.read())
-    except OSError as e:
-        raise LoadtestError(f"no server at {url}: {e}") from None
+def _server_label(url: str, spec: LoadSpec) -> str:
+    _, config = _model_info(url, spec)
     batching = config.get("dynamic_batching")
     if batching is None:
         return "no batching"
@@ -190,8 +294,7 @@ def format_table(results: list[LevelResult]) -> str:
     for r in results:
         lines.append(
             f"| {r.server} | {r.concurrency} | {r.requests} | {r.errors} | {r.throughput:.1f} "
-            f"| {r.percentile(50):.2f} | {r.percentile(90):.2f} | {r.percentile(99):.2f} "
-            f"| {r.rows_per_exec:.2f} |"
+            f"| {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.rows_per_exec:.2f} |"
         )
     return "\n".join(lines)
 
@@ -202,10 +305,19 @@ def run(
     """Load-test a running server (``url``), or start ``bundle``'s server with and without
     dynamic batching (each with ``threads`` ONNX Runtime threads) and compare; the results as a
     Markdown table."""
+    if spec.tool not in TOOLS or spec.protocol not in perf_analyzer.PROTOCOLS:
+        raise LoadtestError(f"tool must be one of {TOOLS}, protocol one of http, grpc")
+    if spec.tool == "client" and spec.protocol != "http":
+        raise LoadtestError("the built-in client speaks HTTP: use --tool perf_analyzer for gRPC")
+    if spec.tool == "perf_analyzer":  # found (or not) before any server is asked or started
+        try:
+            spec = replace(spec, perf_analyzer=perf_analyzer.find(spec.perf_analyzer))
+        except perf_analyzer.PerfAnalyzerError as e:
+            raise LoadtestError(str(e)) from None
     results: list[LevelResult] = []
     if url is not None:
         url = url.removeprefix("http://").rstrip("/")
-        results += measure(url, spec, _server_label(url, spec.model_name))
+        results += measure(url, spec, _server_label(url, spec))
     else:
         assert bundle is not None
         if not (bundle / MANIFEST).is_file():
@@ -226,6 +338,7 @@ def run(
             for concurrency in spec.concurrency:
                 one_level = replace(spec, concurrency=[concurrency])
                 for label, server in servers:
-                    by_mode[label] += measure(server.url, one_level, label)
+                    address = server.grpc_url if spec.protocol == "grpc" else server.url
+                    by_mode[label] += measure(address, one_level, label)
         results = [r for label, _ in modes for r in by_mode[label]]
     return format_table(results)

@@ -1,21 +1,22 @@
-"""Counters for ``GET /metrics``, in Prometheus text format with Triton's metric names.
+"""``GET /metrics``: Prometheus text format with Triton's metric names.
 
 Triton's names (``nv_inference_*``) keep dashboards built for Triton working against this server.
+The counters are read from the model's statistics (``stats.ModelStats``, the one record the
+statistics extension serves too), in microseconds where Triton's metrics use them; the gauges
+are set where they change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .stats import ModelStats
 
 
 @dataclass
 class Metrics:
-    request_success: int = 0  # inference requests answered with outputs
-    request_failure: int = 0  # inference requests answered with an error
-    inference_count: int = 0  # inferences performed (batch rows, summed over requests)
-    exec_count: int = 0  # model executions (one per merged batch)
-    queue_duration_us: int = 0  # time requests waited in the batcher's queue, summed
-    compute_infer_duration_us: int = 0  # time in ONNX Runtime, summed over executions
+    stats: ModelStats = field(default_factory=ModelStats)
     pending_request_count: int = 0  # requests queued or running right now
     sequences_live: int = 0  # sequences holding state right now
     sequences_evicted: int = 0  # sequences freed by idle timeout or the cap
@@ -24,56 +25,91 @@ class Metrics:
         """The Prometheus text exposition of every counter and gauge."""
         lines = []
         labels = f'{{model="{model}",version="{version}"}}'
-        for f in fields(self):
-            name, kind, help_text = _DESCRIPTIONS[f.name]
+        for name, kind, help_text, read in _SAMPLES:
             lines += [
                 f"# HELP {name} {help_text}",
                 f"# TYPE {name} {kind}",
-                f"{name}{labels} {getattr(self, f.name)}",
+                f"{name}{labels} {read(self)}",
             ]
         return "\n".join(lines) + "\n"
 
 
-_DESCRIPTIONS: dict[str, tuple[str, str, str]] = {
-    "request_success": (
+def _us(duration: str) -> Callable[[Metrics], int]:
+    return lambda m: m.stats.durations[duration].ns // 1000
+
+
+# (name, type, help, value)
+_SAMPLES: list[tuple[str, str, str, Callable[[Metrics], int]]] = [
+    (
         "nv_inference_request_success",
         "counter",
         "Number of successful inference requests",
+        lambda m: m.stats.durations["success"].count,
     ),
-    "request_failure": (
+    (
         "nv_inference_request_failure",
         "counter",
         "Number of failed inference requests",
+        lambda m: m.stats.durations["fail"].count,
     ),
-    "inference_count": (
+    (
         "nv_inference_count",
         "counter",
         "Number of inferences performed (batch rows)",
+        lambda m: m.stats.inference_count,
     ),
-    "exec_count": (
+    (
         "nv_inference_exec_count",
         "counter",
         "Number of model executions (merged batches)",
+        lambda m: m.stats.execution_count,
     ),
-    "queue_duration_us": (
+    (
+        "nv_inference_request_duration_us",
+        "counter",
+        "Cumulative time of successful inference requests, us",
+        _us("success"),
+    ),
+    (
         "nv_inference_queue_duration_us",
         "counter",
         "Cumulative time requests spent queued, us",
+        _us("queue"),
     ),
-    "compute_infer_duration_us": (
+    (
+        "nv_inference_compute_input_duration_us",
+        "counter",
+        "Cumulative time decoding and batching inputs, per request, us",
+        _us("compute_input"),
+    ),
+    (
         "nv_inference_compute_infer_duration_us",
         "counter",
-        "Cumulative time in model executions, us",
+        "Cumulative time in model executions, per request, us",
+        _us("compute_infer"),
     ),
-    "pending_request_count": (
+    (
+        "nv_inference_compute_output_duration_us",
+        "counter",
+        "Cumulative time splitting and encoding outputs, per request, us",
+        _us("compute_output"),
+    ),
+    (
         "nv_inference_pending_request_count",
         "gauge",
         "Requests queued or executing",
+        lambda m: m.pending_request_count,
     ),
-    "sequences_live": ("lstm_deploy_sequences_live", "gauge", "Stateful sequences holding (h, c)"),
-    "sequences_evicted": (
+    (
+        "lstm_deploy_sequences_live",
+        "gauge",
+        "Stateful sequences holding (h, c)",
+        lambda m: m.sequences_live,
+    ),
+    (
         "lstm_deploy_sequences_evicted",
         "counter",
         "Sequences freed by idle timeout or the live-sequence cap",
+        lambda m: m.sequences_evicted,
     ),
-}
+]

@@ -1,10 +1,15 @@
 """What the server serves, from a bundle read through the contract (`lstm_deploy.bundle`).
 
 Everything the server knows about the model comes from the manifest: the deployed signature
-(names, dtypes, shapes with named dynamic axes), and the Triton config of ``lstm_onnx`` (whose
-``max_batch_size`` and ``dynamic_batching.max_queue_delay_microseconds`` are the server's
-defaults, and which ``GET .../config`` serves). ``load`` verifies ``model.onnx`` against its
-sha256 and size before anything loads it; the bundle's other artifacts are not read.
+(names, dtypes, shapes with named dynamic axes), and the Triton config of ``lstm_python``, the
+bundle's Triton model that this server is to a client: the same ``model.onnx`` on ONNX Runtime,
+batched by the same code (``batching.py``: requests of different lengths merged), with the same
+optional inputs (``lengths``, ``h0``, ``c0``). Its ``max_batch_size`` and
+``dynamic_batching.max_queue_delay_microseconds`` are the server's defaults, ``GET .../config``
+serves it, and the model metadata is derived from it by Triton's own rules (``metadata``), so
+both read as Triton reads the same config: ``lengths``, declared as dims ``[1]``, is ``[-1, 1]``.
+``load`` verifies the graph it serves (``model.onnx``, or ``model.int8.onnx``: ``serve --artifact``)
+against its sha256 and size before anything loads it; the bundle's other artifacts are not read.
 
 The manifest is not itself checksummed (it holds the checksums), so an edited signature passes
 ``load``; ``read_spec`` checks it against the manifest's own LSTM config, and ``check_graph``
@@ -14,12 +19,15 @@ every request with ONNX Runtime's error.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from lstm_deploy.bundle import (
+    ARTIFACTS,
+    INT8_ONNX,
     LSTM_INPUTS,
     LSTM_OUTPUTS,
     MANIFEST,
@@ -32,7 +40,12 @@ from lstm_deploy.bundle import (
     lstm_signature,
 )
 
-TRITON_MODEL = "lstm_onnx"  # the key of the served model's config in manifest["triton"]
+TRITON_MODEL = "lstm_python"  # the key of the served model's config in manifest["triton"]
+SERVED_ARTIFACTS = (ONNX, INT8_ONNX)  # the graphs `serve --artifact` runs, one signature
+# Triton's model-config enum of each manifest dtype (what export/triton.py writes).
+_CONFIG_TYPES = {"float32": "TYPE_FP32", "float64": "TYPE_FP64", "int64": "TYPE_INT64"}
+# Triton's wire datatype of a config data_type: the enum without its prefix, but for strings.
+_WIRE_TYPES = {"TYPE_STRING": "BYTES"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +66,61 @@ class ModelSpec(Signature):
         batching = self.triton_config.get("dynamic_batching") or {}
         return int(batching.get("max_queue_delay_microseconds", 0))
 
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The inputs a request must send: those the config does not mark ``optional``."""
+        return tuple(t["name"] for t in self.triton_config["input"] if not t.get("optional"))
+
+    def _config_tensor(self, name: str) -> dict[str, Any]:
+        config = self.triton_config
+        return next(t for t in (*config["input"], *config["output"]) if t["name"] == name)
+
+    def wire_shape(self, name: str) -> tuple[int, ...]:
+        """Tensor ``name``'s shape as Triton presents it: the batch axis, then the config's dims
+        (before any ``reshape``), -1 where dynamic. ``lengths`` is ``(-1, 1)``."""
+        dims = tuple(int(d) for d in self._config_tensor(name)["dims"])
+        return (-1, *dims) if self.max_batch_size > 0 else dims
+
+    def metadata(self, name: str, versions: list[str]) -> dict[str, Any]:
+        """The KServe v2 model metadata, derived from the config as Triton derives it: platform
+        (or, where the config names a backend instead, the backend), datatypes, wire shapes."""
+
+        def tensors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": t["name"],
+                    "datatype": _WIRE_TYPES.get(t["data_type"], t["data_type"][len("TYPE_") :]),
+                    "shape": list(self.wire_shape(t["name"])),
+                }
+                for t in entries
+            ]
+
+        config = self.triton_config
+        return {
+            "name": name,
+            "versions": versions,
+            "platform": config.get("platform") or config.get("backend", ""),
+            "inputs": tensors(config["input"]),
+            "outputs": tensors(config["output"]),
+        }
+
+
+def complete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the fields Triton fills in when it loads a model, where they hold here:
+    one version served, one instance per group (named as Triton names them), and batches formed
+    up to ``max_batch_size`` (Triton's default ``preferred_batch_size``)."""
+    config = copy.deepcopy(config)
+    config.setdefault("version_policy", {"latest": {"num_versions": 1}})
+    batching = config.get("dynamic_batching")
+    if batching is not None and config.get("max_batch_size", 0) > 0:
+        batching.setdefault("preferred_batch_size", [config["max_batch_size"]])
+    for i, group in enumerate(config.get("instance_group", [])):
+        group.setdefault("name", f"{config['name']}_{i}")
+    return config
+
 
 def read_spec(bundle: Bundle) -> ModelSpec:
-    """The served model's spec; BundleError if the bundle is not an LSTM bundle with lstm_onnx."""
+    """The served model's spec; BundleError if the bundle is not an LSTM bundle with lstm_python."""
     sig = bundle.signature
     if tuple(sig.input_names) != LSTM_INPUTS or tuple(sig.output_names) != LSTM_OUTPUTS:
         raise BundleError(
@@ -77,6 +142,44 @@ def read_spec(bundle: Bundle) -> ModelSpec:
         )
     streamable = not bundle.config.bidirectional
     return ModelSpec(sig.inputs, sig.outputs, dict(config), streamable)
+
+
+def check_config(spec: ModelSpec, where: Path) -> None:
+    """BundleError in one line naming every disagreement between the served Triton config (which
+    the metadata is derived from) and the signature (which requests are run in): the same
+    tensors in the same order, their dtypes, and the dims past the batch axis after ``reshape``.
+    (Run after ``check_graph``: a manifest edited all through is first judged against the graph.)
+    """
+    problems = _config_differences(spec, spec.triton_config)
+    if problems:
+        raise BundleError(
+            f"{where / MANIFEST}: triton.{TRITON_MODEL} and the signature disagree: "
+            + "; ".join(problems)
+            + " (re-export the bundle)"
+        )
+
+
+def _config_differences(sig: Signature, config: dict[str, Any]) -> list[str]:
+    where = f"triton.{TRITON_MODEL}"
+    if not isinstance(config.get("max_batch_size"), int) or config["max_batch_size"] < 1:
+        return [f"{where}.max_batch_size must be >= 1 (the signature is batch first)"]
+    problems = []
+    for side, key in (("inputs", "input"), ("outputs", "output")):
+        specs, entries = getattr(sig, side), config.get(key)
+        if not isinstance(entries, list) or [
+            t.get("name") if isinstance(t, dict) else None for t in entries
+        ] != [t.name for t in specs]:
+            problems.append(f"{where}.{key} does not list the signature's {side} in order")
+            continue
+        for spec, entry in zip(specs, entries, strict=True):
+            dims = (entry.get("reshape") or {}).get("shape", entry.get("dims"))
+            dtype = entry.get("data_type")
+            if dtype != _CONFIG_TYPES.get(spec.dtype) or dims != spec.wire_shape[1:]:
+                problems.append(
+                    f"{key} '{spec.name}': signature {_text(spec)}, {where} "
+                    f"{dtype} dims {entry.get('dims')}"
+                )
+    return problems
 
 
 class GraphTensor(Protocol):
@@ -146,21 +249,34 @@ def check_graph(
     inputs: Sequence[GraphTensor],
     outputs: Sequence[GraphTensor],
     where: Path,
+    artifact: str = ONNX,
 ) -> None:
     """BundleError in one line naming every disagreement between the manifest's signature and
     the graph's inputs and outputs (``where``: the bundle): names, dtypes, ranks, and the
     graph's fixed dims (a dim the graph leaves dynamic may be fixed in the manifest)."""
     graph = Signature(tuple(_graph_spec(t) for t in inputs), tuple(_graph_spec(t) for t in outputs))
-    problems = _differences(spec, MANIFEST, graph, ONNX, exact=False)
+    problems = _differences(spec, MANIFEST, graph, artifact, exact=False)
     if problems:
         raise BundleError(
-            f"{where}: {MANIFEST} and {ONNX} disagree: "
+            f"{where}: {MANIFEST} and {artifact} disagree: "
             + "; ".join(problems)
             + " (re-export the bundle, or restore its manifest)"
         )
 
 
-def load(path: str | Path) -> tuple[Bundle, ModelSpec]:
-    """The bundle at ``path``, its model.onnx verified, and the spec of the model it serves."""
-    bundle = load_bundle(path, only=[ONNX])
+def load(path: str | Path, artifact: str = ONNX) -> tuple[Bundle, ModelSpec]:
+    """The bundle at ``path``, its ``artifact`` (one of ``SERVED_ARTIFACTS``) verified, and the
+    spec of the model it serves (the same whichever graph runs: the signature is the bundle's)."""
+    if artifact not in SERVED_ARTIFACTS:
+        raise BundleError(f"cannot serve {artifact}: choose one of {', '.join(SERVED_ARTIFACTS)}")
+    bundle = load_bundle(path, only=[])
+    if not bundle.has(artifact):
+        kind = next(k for k, f in ARTIFACTS.items() if f == artifact)
+        kinds = kind if kind == "onnx" else f"onnx,{kind}"  # int8 is quantized from onnx
+        raise BundleError(
+            f"{bundle.path}: the bundle has no {artifact} (its manifest lists none): re-export it "
+            f"with it (lstm-deploy export ... --artifacts {kinds}; the default has both), or "
+            "serve another graph (--artifact)"
+        )
+    bundle.verify([artifact])
     return bundle, read_spec(bundle)

@@ -18,7 +18,7 @@ class OnnxModel:
     """One ONNX Runtime session over a bundle's ``model.onnx``.
 
     Args:
-        path: the bundle's model.onnx, already verified against the manifest.
+        path: the bundle's model.onnx (or model.int8.onnx), verified against the manifest.
         spec: the manifest's signature, which the graph's inputs must match.
         providers: execution providers, in order of preference; CPU unless asked otherwise.
         intra_op_threads: threads per run (0: ONNX Runtime's choice, one per core).

@@ -46,7 +46,7 @@ class DynamicBatcher:
         max_queue_delay_s: how long the oldest request may wait for others to join it.
         max_queue_size: most requests waiting; past it ``submit`` raises Unavailable (503).
         dynamic: False runs each request alone, in arrival order (no merging).
-        metrics: counters to update (queue and compute time, executions, pending).
+        metrics: where executions are recorded (``metrics.stats``) and the pending gauge set.
     """
 
     def __init__(
@@ -155,28 +155,35 @@ class DynamicBatcher:
             return
         loop = asyncio.get_running_loop()
         results: list[dict[str, np.ndarray] | ServingError]
+        times: tuple[int, int, int] | None = None
         try:
-            results = list(
-                await loop.run_in_executor(self._executor, self._run, [i.inputs for i in live])
+            outputs, times = await loop.run_in_executor(
+                self._executor, self._run, [i.inputs for i in live]
             )
+            results = list(outputs)
         except ServingError as e:
             results = [e] * len(live)
         except Exception as e:  # a fault in the runtime: every request of the batch fails
             results = [ServerFault(f"inference failed: {type(e).__name__}: {e}")] * len(live)
-        end = time.perf_counter()
-        m = self.metrics
-        m.exec_count += 1
-        m.compute_infer_duration_us += int((end - start) * 1e6)
+        if times is not None:
+            queued = [int((start - item.enqueued) * 1e9) for item in live]
+            self.metrics.stats.record_execution(sum(i.rows for i in live), queued, *times)
         for item, result in zip(live, results, strict=True):
-            m.queue_duration_us += int((start - item.enqueued) * 1e6)
             if item.future.done():
                 continue
             if isinstance(result, Exception):
                 item.future.set_exception(result)
             else:
-                m.inference_count += item.rows
                 item.future.set_result(result)
 
-    def _run(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    def _run(
+        self, requests: list[dict[str, np.ndarray]]
+    ) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
+        """The requests' outputs, and the ns spent padding, running and splitting them."""
+        t0 = time.perf_counter_ns()
         merged, plan = pad_and_merge(requests)
-        return split(self._predict(merged), plan)
+        t1 = time.perf_counter_ns()
+        outputs = self._predict(merged)
+        t2 = time.perf_counter_ns()
+        results = split(outputs, plan)
+        return results, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)

@@ -25,7 +25,7 @@ import uvicorn
 
 from .app import create_app
 from .config import ANNOUNCE, MODEL_VERSION, ServeOptions
-from .connections import DrainingServer, Gate, protocol_class
+from .connections import DrainingServer, FrontEnd, FrontEndError, Gate, protocol_class
 from .service import InferenceService
 
 
@@ -49,7 +49,28 @@ class TLSError(Exception):
     """The TLS certificate or key cannot be loaded."""
 
 
-def _uvicorn(service: InferenceService, options: ServeOptions) -> DrainingServer:
+def _grpc(
+    service: InferenceService, options: ServeOptions, announce: Callable[[str], Any] | None
+) -> list[FrontEnd]:
+    """The gRPC front end, unless ``options.grpc`` is off; FrontEndError if it cannot be."""
+    if not options.grpc:
+        return []
+    try:
+        from .grpc_server import GrpcServer
+    except ModuleNotFoundError as e:  # an install without grpcio or tritonclient[grpc]
+        package = {"grpc": "grpcio", "google": "protobuf"}.get(str(e.name).split(".")[0], e.name)
+        raise FrontEndError(
+            f"gRPC needs {package}, which this install lacks: pip install 'lstm-deploy[serving]', "
+            "or pass --no-grpc to serve HTTP only"
+        ) from None
+    return [GrpcServer(service, options, announce)]
+
+
+def _uvicorn(
+    service: InferenceService,
+    options: ServeOptions,
+    announce: Callable[[str], Any] | None = None,
+) -> DrainingServer:
     """The server, loaded (a bad certificate fails here, before any port is bound)."""
     gate = Gate(create_app(service), options.max_header_bytes, options.limit_concurrency)
     config = uvicorn.Config(
@@ -69,7 +90,8 @@ def _uvicorn(service: InferenceService, options: ServeOptions) -> DrainingServer
         config.load()
     except (OSError, ssl.SSLError) as e:
         raise TLSError(f"cannot load the TLS certificate/key: {e}") from None
-    return DrainingServer(config, gate, options.drain_timeout_s)
+    others = _grpc(service, options, announce)
+    return DrainingServer(config, gate, options.drain_timeout_s, others)
 
 
 def _scheme(options: ServeOptions) -> str:
@@ -80,10 +102,16 @@ def serve(options: ServeOptions, announce: Callable[[str], Any] = print) -> int:
     """Serve in the foreground until SIGTERM/SIGINT; the exit code (0 after a clean drain).
 
     Raises BundleError or TLSError (before binding any port) if the bundle or the certificate
-    cannot be served, OSError if the address cannot be bound.
+    cannot be served, OSError if the address cannot be bound, FrontEndError if the gRPC server
+    cannot start.
     """
+
+    def announce_now(line: str) -> None:
+        announce(line)
+        sys.stdout.flush()
+
     service = InferenceService(options)
-    server = _uvicorn(service, options)
+    server = _uvicorn(service, options, announce_now)
     sock = bind_socket(options.host, options.port)
     host, port = sock.getsockname()[:2]
     # uvicorn restores the signal handlers it found and re-raises the signal it stopped on, so
@@ -110,7 +138,7 @@ class ThreadedServer:
     """The server on uvicorn in a background thread, as a context manager::
 
     with ThreadedServer(ServeOptions(bundle=path, port=0)) as server:
-        url = f"127.0.0.1:{server.port}"
+        url = f"127.0.0.1:{server.port}"  # gRPC: server.grpc_port (0 with grpc=False)
     """
 
     def __init__(self, options: ServeOptions, start_timeout_s: float = 30.0) -> None:
@@ -118,6 +146,7 @@ class ThreadedServer:
         self._server = _uvicorn(self.service, options)
         self._sock = bind_socket(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
+        self.grpc_port = 0  # the gRPC server's, once started
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )
@@ -131,6 +160,7 @@ class ThreadedServer:
                 self.__exit__(None, None, None)
                 raise RuntimeError("the server did not start")
             time.sleep(0.01)
+        self.grpc_port = next((other.port for other in self._server.others), 0)
         return self
 
     def __exit__(

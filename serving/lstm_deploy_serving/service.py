@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import Hashable
+import time
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from lstm_deploy import versions
-from lstm_deploy.bundle import C0, CN, H0, HN, INPUT, ONNX, BundleError
+from lstm_deploy.bundle import C0, CN, H0, HN, INPUT, BundleError
 
-from . import codecs, model_spec
+from . import model_spec
 from .batching import fill_defaults
 from .codecpool import CodecPool, RawBody
 from .config import MODEL_VERSION, ServeOptions
@@ -33,12 +34,20 @@ from .protocol import (
 from .runtime import OnnxModel
 from .scheduler import DynamicBatcher
 from .sequences import SequenceStore, check_sequence_id
+from .stats import ModelStats
 from .validation import check_header, check_response_size, input_values
 
 SERVER_NAME = "lstm-deploy-serving"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "sequence", "parameters"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "sequence",
+    "parameters",
+    "statistics",
+]
 STATE_INPUTS = (H0, C0)
 UINT64_MAX = 2**64 - 1  # Triton's timeout parameter: uint64 microseconds
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
@@ -74,12 +83,15 @@ class InferenceService:
 
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.bundle, self.spec = model_spec.load(options.bundle)
-        self.model = OnnxModel(self.bundle.file(ONNX), self.spec, intra_op_threads=options.threads)
+        artifact = options.artifact  # model.onnx or model.int8.onnx: one signature
+        self.bundle, self.spec = model_spec.load(options.bundle, artifact)
+        path = self.bundle.file(artifact)
+        self.model = OnnxModel(path, self.spec, intra_op_threads=options.threads)
         session = self.model.session
         model_spec.check_graph(
-            self.spec, session.get_inputs(), session.get_outputs(), self.bundle.path
+            self.spec, session.get_inputs(), session.get_outputs(), self.bundle.path, artifact
         )
+        model_spec.check_config(self.spec, self.bundle.path)
         self.name = options.model_name  # the primary name: logs and metrics use it
         self.names = tuple(dict.fromkeys((self.name, *options.model_aliases)))
         self.max_batch_size = (
@@ -173,24 +185,13 @@ class InferenceService:
         }
 
     def model_metadata(self, name: str | None = None) -> dict[str, Any]:
-        """The metadata, under ``name`` (one of ``names``, checked by the caller) if given."""
-
-        def tensors(specs: Any) -> list[dict[str, Any]]:
-            return [
-                {"name": t.name, "datatype": codecs.datatype_of(t.dtype), "shape": t.wire_shape}
-                for t in specs
-            ]
-
-        return {
-            "name": name or self.name,
-            "versions": [MODEL_VERSION],
-            "platform": self.spec.triton_config.get("platform", "onnxruntime_onnx"),
-            "inputs": tensors(self.spec.inputs),
-            "outputs": tensors(self.spec.outputs),
-        }
+        """The metadata, under ``name`` (one of ``names``, checked by the caller) if given:
+        Triton's, for the config that ``model_config`` serves."""
+        return self.spec.metadata(name or self.name, [MODEL_VERSION])
 
     def model_config(self, name: str | None = None) -> dict[str, Any]:
-        """The bundle's Triton config, with the name and batching this server actually uses."""
+        """The bundle's Triton config, with the name and batching this server actually uses,
+        completed as Triton completes a config it loads."""
         config = copy.deepcopy(self.spec.triton_config)
         config["name"] = name or self.name
         config["max_batch_size"] = self.max_batch_size
@@ -199,7 +200,27 @@ class InferenceService:
             batching["max_queue_delay_microseconds"] = self.max_queue_delay_us
         else:
             config.pop("dynamic_batching", None)
-        return config
+        return model_spec.complete_config(config)
+
+    @property
+    def stats(self) -> ModelStats:
+        """The model's statistics: the one record behind /stats, gRPC and /metrics."""
+        return self.metrics.stats
+
+    def model_statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> dict[str, Any]:
+        """Triton's statistics response: ``{"model_stats": [...]}`` for ``name`` (checked here:
+        NotFound if it is not served), or without a name for the served model.
+
+        Aliases share one model, so they share its statistics; unnamed, the primary name
+        stands for all of them (listing each would count every request once per name).
+        """
+        if name:
+            self.check_model(name, version)
+        elif version:
+            raise BadRequest("a model version needs a model name")
+        return {"model_stats": [self.stats.to_json(name or self.name, MODEL_VERSION)]}
 
     def render_metrics(self) -> str:
         self._count_sequences()
@@ -210,22 +231,44 @@ class InferenceService:
     async def infer_body(
         self, body: RawBody | bytes, header_length: int | None, model: str | None = None
     ) -> tuple[bytes, dict[str, str]]:
-        """Parse, run and encode one inference request for ``model`` (one of ``names``, checked
-        by the caller; default the primary name); every failure is counted."""
+        """An HTTP inference body for ``model``: its response body and headers (see ``infer``)."""
+        return await self.infer(
+            lambda check: self.codec_pool.decode(body, header_length, check),
+            self.codec_pool.encode,
+            model,
+        )
+
+    async def infer(
+        self,
+        decode: Callable[[Callable[[RequestHeader], None]], Awaitable[InferRequest]],
+        encode: Callable[[InferResponse], Awaitable[T]],
+        model: str | None = None,
+    ) -> T:
+        """Decode, run and encode one inference request for ``model`` (one of ``names``, checked
+        by the caller; default the primary name), whatever its wire format.
+
+        ``decode(check)`` makes the typed request, calling ``check`` on its header before any
+        tensor is decoded; ``encode`` makes the wire response. Every request is counted in the
+        statistics, as a success or a failure, with its time.
+        """
+        start = time.perf_counter_ns()
         try:
             if not self.ready:
                 raise Unavailable(f"model '{model or self.name}' is not ready")
-            request = await self.codec_pool.decode(body, header_length, self._check_header)
+            request = await decode(self._check_header)
+            decoded = time.perf_counter_ns()
             response = await self._infer(request, model)
-            encoded = await self.codec_pool.encode(response)
+            ran = time.perf_counter_ns()
+            encoded = await encode(response)
         except ServingError:
-            self.metrics.request_failure += 1
+            self.stats.record_failure(time.perf_counter_ns() - start)
             raise
         except Exception as e:  # a fault of ours, not the client's: 500, counted, logged
-            self.metrics.request_failure += 1
+            self.stats.record_failure(time.perf_counter_ns() - start)
             logger.exception("inference request failed")
             raise ServerFault(f"internal error: {type(e).__name__}") from e
-        self.metrics.request_success += 1
+        end = time.perf_counter_ns()
+        self.stats.record_success(end - start, decoded - start, end - ran)
         return encoded
 
     async def _infer(self, request: InferRequest, model: str | None = None) -> InferResponse:

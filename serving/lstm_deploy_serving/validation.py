@@ -21,37 +21,50 @@ from .errors import BadRequest
 from .model_spec import ModelSpec
 from .protocol import InputTensor, TensorHeader
 
-REQUIRED = (INPUT,)
-
 T = TypeVar("T", bound=TensorHeader)
 
 
-def _signature_form(t: T, spec: TensorSpec) -> T:
-    # Triton's configs declare a [batch] tensor (lengths) as dims [1] reshaped away, so Triton
-    # clients send [batch, 1]: accept that form too, so the same client code works on both servers.
-    if len(spec.shape) == 1 and len(t.shape) == 2 and t.shape[1] == 1:
-        if isinstance(t, InputTensor):
-            return dataclasses.replace(t, shape=t.shape[:1], data=t.data.reshape(-1))
-        return dataclasses.replace(t, shape=t.shape[:1])
-    return t
+def _fits(pattern: Sequence[int], shape: Sequence[int]) -> bool:
+    """Whether ``shape`` has ``pattern``'s rank and its fixed sizes (-1: any size)."""
+    return len(pattern) == len(shape) and all(p in (-1, d) for p, d in zip(pattern, shape))
 
 
-def _check_tensor(t: TensorHeader, spec: TensorSpec, model: str) -> None:
+def _signature_form(t: T, spec: TensorSpec, model: ModelSpec) -> T:
+    """``t`` in the signature's shape. A client may send either form, when they differ:
+
+    - Triton's (the model metadata's, batch axis + config dims), reshaped as the config's
+      ``reshape`` says, as Triton reshapes it for its backends: ``lengths`` [batch, 1] -> [batch]
+      (what tritonclient and perf_analyzer send, read from the metadata);
+    - the signature's own, [batch], which this server took before its metadata said [-1, 1],
+      and which model.onnx, the C++ programs and README's examples use: refusing it would break
+      those clients for no gain, and the two forms differ in rank, so neither is ambiguous.
+    """
+    wire = model.wire_shape(spec.name)
+    if len(wire) == len(spec.shape) or not _fits(wire, t.shape):
+        return t
+    rest = [d for d in spec.shape[1:] if isinstance(d, int)]
+    fixed = (t.shape[0], *rest)
+    if len(rest) != len(spec.shape) - 1 or math.prod(fixed) != math.prod(t.shape):
+        return t  # not a pure reshape: left as sent, for _check_tensor to refuse
+    if isinstance(t, InputTensor):
+        return dataclasses.replace(t, shape=fixed, data=t.data.reshape(fixed))
+    return dataclasses.replace(t, shape=fixed)
+
+
+def _check_tensor(t: TensorHeader, spec: TensorSpec, model: ModelSpec, name: str) -> None:
     expected = codecs.datatype_of(spec.dtype)
     if t.datatype != expected:
         raise BadRequest(
             f"inference input '{t.name}' data-type is '{t.datatype}', "
-            f"but model '{model}' expects '{expected}'"
+            f"but model '{name}' expects '{expected}'"
         )
-    fixed_ok = all(
-        isinstance(want, str) or want == got for want, got in zip(spec.shape, t.shape, strict=False)
-    )
-    if len(t.shape) != len(spec.shape) or not fixed_ok:
-        expected = ",".join(str(d) for d in spec.wire_shape)
+    if not _fits(spec.wire_shape, t.shape):
+        forms = [model.wire_shape(spec.name), tuple(spec.wire_shape)]
+        expected = " or ".join(f"[{','.join(str(d) for d in f)}]" for f in dict.fromkeys(forms))
         got = ",".join(str(d) for d in t.shape)
         raise BadRequest(
-            f"unexpected shape for input '{t.name}' for model '{model}'. "
-            f"Expected [{expected}], got [{got}]"
+            f"unexpected shape for input '{t.name}' for model '{name}'. "
+            f"Expected {expected}, got [{got}]"
         )
 
 
@@ -76,10 +89,10 @@ def check_header(
             )
     shapes = {}
     for t in inputs:
-        t = _signature_form(t, known[t.name])
-        _check_tensor(t, known[t.name], model)
+        t = _signature_form(t, known[t.name], spec)
+        _check_tensor(t, known[t.name], spec, model)
         shapes[t.name] = t.shape
-    for name in REQUIRED:
+    for name in spec.required:
         if name not in shapes:
             raise BadRequest(f"expected input '{name}' for model '{model}', got none")
     batch, steps = shapes[INPUT][:2]
@@ -103,11 +116,11 @@ def input_values(inputs: Sequence[InputTensor], spec: ModelSpec) -> dict[str, np
     """The request's tensors by name, in the signature's form; BadRequest on bad values.
 
     Their names, datatypes and shapes are ``check_header``'s, run before they were decoded:
-    ``lengths`` is checked here, and floats for NaN or Inf. ``input`` is required; ``lengths``,
-    ``h0``, ``c0`` are optional (filled in later).
+    ``lengths`` is checked here, and floats for NaN or Inf. The inputs the config marks optional
+    (``lengths``, ``h0``, ``c0``) may be absent: each request gets its defaults later.
     """
     known = {t.name: t for t in spec.inputs}
-    tensors = {t.name: _signature_form(t, known[t.name]).data for t in inputs}
+    tensors = {t.name: _signature_form(t, known[t.name], spec).data for t in inputs}
     check_lengths(tensors)
     for name, value in tensors.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
@@ -125,7 +138,7 @@ def response_size(
     known = {t.name: t for t in spec.inputs}
     sizes: dict[str, int] = {}
     for t in inputs:
-        t = _signature_form(t, known[t.name])
+        t = _signature_form(t, known[t.name], spec)
         sizes.update(
             (axis, size)
             for axis, size in zip(known[t.name].shape, t.shape, strict=True)
