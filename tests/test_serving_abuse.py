@@ -108,7 +108,9 @@ def _binary_request(x: np.ndarray, outputs: str = "binary") -> tuple[bytes, dict
 
 @pytest.fixture(scope="module")
 def server(onnx_bundle: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(onnx_bundle, ["--max-codec-requests", "4"]) as s:
+    # Five: the test below sends five large bodies at once, which all arrive before any is done
+    # (a sixth would be refused with 503: test_codec_pool_full_is_503_with_retry_after).
+    with ServerProcess(onnx_bundle, ["--max-codec-requests", "5"]) as s:
         yield s
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,34 @@ def test_batcher_merges_within_max_batch_size() -> None:
     for t, result in enumerate(results):
         assert result["output"].shape == (1, t % 5 + 1, 8)
         assert (result["output"] == 2.0 * (t % 5 + 1)).all()
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_a_lone_client_pays_no_window(adaptive: bool) -> None:
+    """One request at a time runs at once when adaptive (nobody could join it); a second one
+    inside the server opens the window, for both of them; fixed always waits it."""
+    model, window = _Recorder(), 0.3
+
+    async def one(batcher: DynamicBatcher) -> float:
+        with batcher.request():
+            start = time.perf_counter()
+            await batcher.submit(_item(2))
+            return time.perf_counter() - start
+
+    async def main() -> tuple[float, float]:
+        batcher = DynamicBatcher(
+            model, max_batch_size=8, max_queue_delay_s=window, adaptive=adaptive
+        )
+        batcher.start()
+        alone = await one(batcher)
+        with batcher.request():  # a second request inside: the window opens
+            crowded = await one(batcher)
+        await batcher.stop()
+        return alone, crowded
+
+    alone, crowded = asyncio.run(main())
+    assert crowded >= window * 0.9
+    assert (alone < window / 3) if adaptive else (alone >= window * 0.9)
 
 
 def test_batcher_without_dynamic_batching_runs_each_alone() -> None:

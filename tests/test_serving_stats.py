@@ -32,7 +32,14 @@ COMPUTE = ("compute_input", "compute_infer", "compute_output")
 
 @pytest.fixture(scope="module")
 def urls(onnx_bundle: Path) -> Iterator[tuple[str, str]]:
-    options = dict(max_batch_size=MAX_BATCH, max_queue_delay_us=1_000_000, model_aliases=(ALIAS,))
+    # A fixed window: the batches are then known in advance (an adaptive one runs the first
+    # request of a burst at once).
+    options = dict(
+        max_batch_size=MAX_BATCH,
+        max_queue_delay_us=1_000_000,
+        adaptive_window=False,
+        model_aliases=(ALIAS,),
+    )
     with running_servers(onnx_bundle, **options) as pair:
         yield pair
 

@@ -114,6 +114,13 @@ def _add_serve(subparsers: Any) -> None:
         help="run every request alone, in arrival order",
     )
     b.add_argument(
+        "--fixed-window",
+        dest="adaptive_window",
+        action="store_false",
+        help="always wait --max-queue-delay-us for others to join, as Triton does; by default "
+        "a lone client (one request inside the server at a time for a second) pays no window",
+    )
+    b.add_argument(
         "--max-queue-size",
         type=_positive_int,
         default=d.max_queue_size,
@@ -283,6 +290,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         dynamic_batching=args.dynamic_batching,
+        adaptive_window=args.adaptive_window,
         max_queue_size=args.max_queue_size,
         max_sequence_length=args.max_sequence_length,
         max_sequences=args.max_sequences,

@@ -39,6 +39,7 @@ class ServeOptions:
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
     dynamic_batching: bool = True
+    adaptive_window: bool = True  # no window while one request at a time is inside (scheduler)
     max_queue_size: int = 1024
     max_sequence_length: int = 8192
     max_sequences: int = 1024

@@ -5,6 +5,10 @@ Requests wait in a bounded queue. The batcher takes the oldest and, for up to
 within ``max_batch_size`` rows; then it runs them as one model execution (``batching``'s
 pad-merge-split, in a worker thread so the event loop keeps accepting) and hands each request its
 own slice. While one batch runs the next one fills, so under load batches grow by themselves.
+
+A lone client pays no window: while the server has had at most one request inside at a time for
+``ALONE_AFTER_S``, a request runs at once (no one could join it; at concurrency 1 the window was
+all of its queue time). Any overlap opens the window again at once.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +29,7 @@ from .batching import pad_and_merge, split
 from .errors import ServerFault, ServingError, Unavailable
 from .metrics import Metrics
 
+ALONE_AFTER_S = 1.0
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -46,6 +51,7 @@ class DynamicBatcher:
         max_queue_delay_s: how long the oldest request may wait for others to join it.
         max_queue_size: most requests waiting; past it ``submit`` raises Unavailable (503).
         dynamic: False runs each request alone, in arrival order (no merging).
+        adaptive: no window while the server is alone (``request``); False always waits it.
         metrics: where executions are recorded (``metrics.stats``) and the pending gauge set.
     """
 
@@ -57,6 +63,7 @@ class DynamicBatcher:
         max_queue_delay_s: float,
         max_queue_size: int = 1024,
         dynamic: bool = True,
+        adaptive: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
         self._predict = predict
@@ -64,10 +71,13 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.dynamic = dynamic
+        self.adaptive = adaptive
         self.metrics = metrics if metrics is not None else Metrics()
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._closing = False
+        self.in_flight = 0  # requests inside the server (``request``)
+        self._crowded_until = 0.0  # perf_counter time until which it is not alone
         self._taken = 0  # requests out of the queue, in the batch being formed or run
         self._task: asyncio.Task[None] | None = None
         # One worker: one execution at a time, as a Triton model instance.
@@ -105,6 +115,23 @@ class DynamicBatcher:
         self._arrived.set()
         return await future
 
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Count a request as in the server while inside (from decoding to its encoded response):
+        the window opens only when the server has had two at once in the last ``ALONE_AFTER_S``.
+        """
+        self.in_flight += 1
+        if self.in_flight > 1:
+            self._crowded_until = time.perf_counter() + ALONE_AFTER_S
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def _alone(self) -> bool:
+        """One client, one request at a time: nobody could join a batch, so no window."""
+        return self.adaptive and self.in_flight <= 1 and time.perf_counter() > self._crowded_until
+
     def _update_pending(self) -> None:
         self.metrics.pending_request_count = len(self._queue) + self._taken
 
@@ -135,6 +162,8 @@ class DynamicBatcher:
                 self._taken += 1
             remaining = window_end - time.perf_counter()
             if rows >= self.max_batch_size or self._queue or remaining <= 0 or self._closing:
+                break
+            if self._alone():  # waiting would only add latency
                 break
             self._arrived.clear()
             with suppress(asyncio.TimeoutError):

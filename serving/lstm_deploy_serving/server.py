@@ -6,7 +6,7 @@ request answer 503 at once, new connections are refused, requests in progress fi
 app's lifespan runs what is still queued and stops the batcher; the process exits 0.
 
 The connection limits (header timeout and size, keep-alive, concurrency), the opt-in TLS and the
-absence of a ``server`` header are set here, on uvicorn's h11 protocol (``connections``).
+absence of a ``server`` header are set here, on uvicorn's httptools protocol (``connections``).
 """
 
 from __future__ import annotations
@@ -75,14 +75,14 @@ def _uvicorn(
     gate = Gate(create_app(service), options.max_header_bytes, options.limit_concurrency)
     config = uvicorn.Config(
         gate,
-        # h11 always (not httptools, if installed): the limits and the drain live on its protocol.
-        http=protocol_class(options.header_timeout_s),
+        # httptools, always: the limits and the drain live on its protocol (connections).
+        http=protocol_class(options.header_timeout_s, options.max_header_bytes),
+        loop="auto",  # uvloop where installed (the serving extra installs it), else asyncio
         log_level=options.log_level,
         access_log=options.access_log,
         lifespan="on",
         server_header=False,
         timeout_keep_alive=options.keep_alive_timeout_s,
-        h11_max_incomplete_event_size=options.max_header_bytes,
         ssl_certfile=options.ssl_certfile,
         ssl_keyfile=options.ssl_keyfile,
     )

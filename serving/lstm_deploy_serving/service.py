@@ -125,6 +125,7 @@ class InferenceService:
             max_queue_delay_s=self.max_queue_delay_us / 1e6,
             max_queue_size=opts.max_queue_size,
             dynamic=opts.dynamic_batching,
+            adaptive=opts.adaptive_window,
             metrics=self.metrics,
         )
         self._batcher.start()
@@ -253,13 +254,14 @@ class InferenceService:
         """
         start = time.perf_counter_ns()
         try:
-            if not self.ready:
+            if not self.ready or self._batcher is None:
                 raise Unavailable(f"model '{model or self.name}' is not ready")
-            request = await decode(self._check_header)
-            decoded = time.perf_counter_ns()
-            response = await self._infer(request, model)
-            ran = time.perf_counter_ns()
-            encoded = await encode(response)
+            with self._batcher.request():  # how many are inside sets the batching window
+                request = await decode(self._check_header)
+                decoded = time.perf_counter_ns()
+                response = await self._infer(request, model)
+                ran = time.perf_counter_ns()
+                encoded = await encode(response)
         except ServingError:
             self.stats.record_failure(time.perf_counter_ns() - start)
             raise
