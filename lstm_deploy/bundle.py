@@ -31,7 +31,11 @@ WEIGHTS = "weights.safetensors"
 TORCHSCRIPT = "model.pt"
 ONNX = "model.onnx"
 SCAN_ONNX = "model.scan.onnx"
-ARTIFACTS = {"torchscript": TORCHSCRIPT, "onnx": ONNX, "scan": SCAN_ONNX}  # --artifacts kinds
+INT8_ONNX = "model.int8.onnx"  # model.onnx with int8 weights (DynamicQuantizeLSTM)
+AOTI = "model.pt2"  # torch.export + AOTInductor package (CPU), for AOTIModelPackageLoader
+# The --artifacts kinds and their files (int8 is quantized from model.onnx, written after it).
+ARTIFACTS = {"torchscript": TORCHSCRIPT, "onnx": ONNX, "int8": INT8_ONNX, "scan": SCAN_ONNX}
+ARTIFACTS["aoti"] = AOTI  # last: the slowest to make (a C++ compile)
 TRITON_DIR = "triton"
 KSERVE_DIR = "kserve"
 REPORTS = ("report.json", "report.md")  # validate's, beside the manifest; not in "files"
@@ -221,6 +225,9 @@ def check_manifest(manifest: Any) -> dict[str, Any]:
     for key in ("versions", "triton"):
         if key in manifest:
             _mapping(manifest[key], key)
+    skipped = _mapping(manifest.get("skipped", {}), "skipped")
+    if not all(isinstance(v, str) for v in skipped.values()):
+        raise BundleError(f"{MANIFEST}: skipped must map each file name to the reason (a string)")
     if manifest.get("parity") is not None:
         _mapping(manifest["parity"], "parity")
     return manifest
@@ -248,6 +255,11 @@ class Bundle:
 
     def has(self, name: str) -> bool:
         return name in self.manifest["files"]
+
+    def skipped(self, name: str) -> str | None:
+        """Why the export left the artifact `name` out (e.g. no C++ compiler for model.pt2)."""
+        reason: str | None = self.manifest.get("skipped", {}).get(name)
+        return reason
 
     def file(self, name: str) -> Path:
         """The path of a file listed in the manifest, e.g. "model.onnx"."""

@@ -4,16 +4,19 @@ The equations are the seed notebook's (gate order i, f, g, o as in torch.nn.LSTM
 plain tensor ops: nothing here calls torch.nn.LSTM, torch.lstm or torch._VF. Every function and the
 module are TorchScript-scriptable (proven by tests/test_model_script.py).
 
-Speed (README "Performance", measured with `lstm-deploy bench`): the input projection of all steps
-is one GEMM; a layer's time loop runs the cell as few ops as it can, in one of two forms: the
-differentiable one (`_recurrence`), and, when nothing needs a gradient, the same cell written into
-buffers made once (`recurrence_no_grad`, in `lstm_deploy._fast`); padding costs nothing per step
-(see `lstm_layer`). The argument and input checks are nn.LSTM's, in `lstm_deploy._checks`; a
+Speed (README "Performance", measured with `lstm-deploy bench`): the input projection runs over
+many steps at once; a layer's time loop runs the cell as few ops as it can, in one of two forms:
+the differentiable one (`_recurrence`), and, when nothing needs a gradient, the same cell written
+into buffers made once (`recurrence_no_grad`, in `lstm_deploy._fast`), which model.pt runs on
+weights laid out for it once (`lstm_deploy._ready`); padding costs nothing per step (see
+`lstm_layer`). The argument and input checks are nn.LSTM's, in `lstm_deploy._checks`; a
 PackedSequence input (eager mode) goes through `lstm_deploy._packed`.
 """
 
 import math
-from typing import Any, ClassVar, List, Optional, Tuple  # TorchScript resolves typing's generics
+
+# TorchScript resolves typing's generics
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +30,16 @@ from lstm_deploy._checks import (
     check_state,
     check_steps,
 )
-from lstm_deploy._fast import recurrence_no_grad
+from lstm_deploy._fast import (
+    Ready,
+    input_projection,
+    needs_grad,
+    plain,
+    recurrence_no_grad,
+    reversed_within,
+)
 from lstm_deploy._packed import forward_packed
+from lstm_deploy._ready import ReadyWeights, make_ready
 from lstm_deploy.config import LSTMConfig
 
 __all__ = ["LSTM", "LSTMConfig", "lstm_cell", "lstm_layer"]
@@ -74,6 +85,7 @@ def lstm_layer(
     weight_hr: Optional[Tensor],
     lengths: Optional[Tensor],
     reverse: bool,
+    ready: Optional[Ready] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One direction of one layer over time.
 
@@ -81,6 +93,8 @@ def lstm_layer(
     With lengths, the outputs at t >= length are zeros and (h, c) is the state after step
     length - 1; the reverse direction of a sequence of length L starts from the initial state at
     step L - 1, as with pack_padded_sequence. Returns output (T, B, H_out) and the final (h, c).
+    `ready`: the same weights made ready once for the no-grad loop (`lstm_deploy._ready`, the
+    fast path of model.pt), used when nothing needs a gradient.
 
     Padding costs nothing per step: each sequence runs unmasked over all T steps (its padded steps
     cannot reach its valid ones, which come first), its final state is gathered at step L - 1, and
@@ -88,23 +102,27 @@ def lstm_layer(
     sequence reversed within its length.
     """
     steps = x.size(0)
-    xw = _input_projection(x, weight_ih, bias)  # (T, B, 4H)
     order: Optional[Tensor] = None
     if lengths is not None and reverse:
-        order = _reversed_within(lengths, steps).unsqueeze(2)  # (T, B, 1)
-        xw = xw.gather(0, order.expand_as(xw))
+        order = reversed_within(lengths, steps).unsqueeze(2)  # (T, B, 1)
         reverse = False
     cells: Optional[Tensor] = None
     if lengths is not None:
         cells = c.new_empty(steps, c.size(0), c.size(1))  # (T, B, H): c at every step
-    w_hh_t = weight_hh.t()
-    w_hr_t: Optional[Tensor] = None
-    if weight_hr is not None:
-        w_hr_t = weight_hr.t()
-    if _needs_grad([xw, h, c, w_hh_t, w_hr_t]):
-        output, h, c = _recurrence(xw, h, c, w_hh_t, w_hr_t, reverse, cells)
+    if needs_grad([x, h, c, weight_ih, weight_hh, bias, weight_hr]):
+        xw = input_projection(x, weight_ih, bias)  # (T, B, 4H)
+        if order is not None:
+            xw = xw.gather(0, order.expand_as(xw))
+        w_hr_t: Optional[Tensor] = None
+        if weight_hr is not None:
+            w_hr_t = weight_hr.t()
+        output, h, c = _recurrence(xw, h, c, weight_hh.t(), w_hr_t, reverse, cells)
     else:
-        output, h, c = recurrence_no_grad(xw, h, c, w_hh_t, w_hr_t, reverse, cells)
+        if order is not None:
+            x = x.gather(0, order.expand(steps, x.size(1), x.size(2)))
+        if ready is None:
+            ready = plain(weight_ih, bias, weight_hh, weight_hr)
+        output, h, c = recurrence_no_grad(x, h, c, ready, reverse, cells)
     if lengths is None or cells is None:
         return output, h, c
     last = (lengths - 1).view(1, -1, 1)  # (1, B, 1)
@@ -114,34 +132,6 @@ def lstm_layer(
         output = output.gather(0, order.expand_as(output))  # back to time order
     padding = torch.arange(steps, device=x.device).view(-1, 1, 1) >= lengths.view(1, -1, 1)
     return output.masked_fill(padding, 0.0), h, c
-
-
-def _needs_grad(tensors: List[Optional[Tensor]]) -> bool:
-    """Whether autograd must see the layer: grad mode is on and some input requires grad."""
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:  # noqa: SIM110  (TorchScript has no generator expressions for any())
-        if t is not None and t.requires_grad:
-            return True
-    return False
-
-
-def _input_projection(x: Tensor, weight_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """W_ih x_t + b for every step at once: one GEMM over all T * B rows, not one per step.
-
-    F.linear, not addmm: TorchScript rewrites addmm into mm + a broadcast add, 2-3x slower here.
-    """
-    return F.linear(x, weight_ih, bias)  # (T, B, 4H)
-
-
-def _reversed_within(lengths: Tensor, steps: int) -> Tensor:
-    """(T, B) step index that reverses each sequence's first `length` steps, padding in place.
-
-    Its own inverse: gathering with it twice gives the original order back.
-    """
-    t = torch.arange(steps, device=lengths.device).unsqueeze(1)  # (T, 1)
-    flipped = lengths.unsqueeze(0) - 1 - t  # (T, B)
-    return torch.where(t < lengths.unsqueeze(0), flipped, t)
 
 
 def _recurrence(
@@ -274,6 +264,9 @@ class LSTM(nn.Module):
                     self._weight_names.append(name)
         self._refresh_weight_lists()
         self.reset_parameters()
+        # A frozen copy's weights made ready for the no-grad loop (lstm_deploy._ready.make_ready:
+        # the exporter's copy for model.pt); None: the plain path.
+        self._ready = None
 
     _weight_names: List[str]
     # Per (layer, direction) weight lists, indexed by layer * D + direction: TorchScript cannot look
@@ -283,6 +276,8 @@ class LSTM(nn.Module):
     _b_ih: List[Tensor]
     _b_hh: List[Tensor]
     _w_hr: List[Tensor]
+    if TYPE_CHECKING:  # not for TorchScript, which types it from its value: None or the module
+        _ready: Optional[ReadyWeights]
 
     def _refresh_weight_lists(self) -> None:
         def collect(kind: str) -> List[Tensor]:
@@ -302,9 +297,16 @@ class LSTM(nn.Module):
         ):
             self._refresh_weight_lists()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_ready" not in self.__dict__ and "_ready" not in self._modules:
+            self._ready = None  # a module pickled by a version without it
+
     def _apply(self, fn: Any, recurse: bool = True) -> "LSTM":
         ret = super()._apply(fn, recurse)
         self._refresh_weight_lists()
+        if self._ready is not None:  # made from the parameters that fn just replaced
+            make_ready(self, self._ready.onednn_from_batch)
         return ret
 
     def reset_parameters(self) -> None:
@@ -407,6 +409,9 @@ class LSTM(nn.Module):
         if lengths is not None and check_lengths(lengths, batch, steps) < steps:
             padded = lengths.to(device=x.device, dtype=torch.int64)
 
+        fast = False  # whether the ready weights are current for x (an `if`: TorchScript
+        if self._ready is not None:  # compiles the branch only when the attribute is a module)
+            fast = self._ready.current(x)
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
         for layer in range(self.num_layers):
@@ -421,9 +426,13 @@ class LSTM(nn.Module):
                 weight_hr: Optional[Tensor] = None
                 if self.proj_size > 0:
                     weight_hr = self._w_hr[k]
+                ready: Optional[Ready] = None
+                if self._ready is not None:  # noqa: SIM102  (TorchScript: see `fast`)
+                    if fast:
+                        ready = self._ready.get(k)
                 out, h, c = lstm_layer(
                     x, h0[k], c0[k], self._w_ih[k], self._w_hh[k], bias, weight_hr, padded,
-                    direction == 1,
+                    direction == 1, ready,
                 )  # fmt: skip
                 outputs.append(out)
                 h_n.append(h)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The suite's default exports leave model.pt2 out: each would be a C++ compile (tens of seconds).
+# Subprocesses (the CLI, README's blocks) inherit it. `aoti_bundle` compiles one, once.
+# (export/lstm_deploy_export/export/aoti.py's SKIP_ENV, spelled out: importing it here is slow.)
+os.environ.setdefault("LSTM_DEPLOY_SKIP_PT2", "1")
 
 # num_layers x bidirectional x proj_size x bias x batch_first: every combination.
 MODEL_CONFIGS = [
@@ -40,3 +46,20 @@ def reference(onnx_bundle: Path):
     from serving_support import Reference
 
     return Reference(onnx_bundle)
+
+
+# 2 layers, bidirectional, projected, no bias: every branch of model.pt2's graph but the bias add
+# and the one-direction layer, in one compile (~30 s on 2 cores), shared by the tests that need it.
+AOTI_MODEL = dict(input_size=5, hidden_size=8, num_layers=2, bidirectional=True, proj_size=3)
+
+
+@pytest.fixture(scope="session")
+def aoti_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle with model.pt2 (and weights.safetensors), compiled once per session."""
+    from lstm_deploy_export.export.writer import export_bundle
+
+    from lstm_deploy import LSTM
+
+    torch.manual_seed(0)
+    model = LSTM(**AOTI_MODEL, bias=False)
+    return export_bundle(model, tmp_path_factory.mktemp("aoti") / "bundle", artifacts="aoti").path

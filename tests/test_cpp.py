@@ -100,6 +100,24 @@ def test_cpp_runtimes_agree_with_each_other(programs: CppPrograms, bundle_dir: P
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=ATOL, err_msg=name)
 
 
+@pytest.mark.parametrize("program", [TORCHSCRIPT, ONNXRUNTIME])
+def test_repeat_times_runs_inside_the_process(
+    programs: CppPrograms, bundle_dir: Path, program: str
+) -> None:
+    model, inputs = bundle_dir / MODEL_FILE[program], make_inputs(9, seed=2)
+    outputs, timing = programs.time(program, model, inputs, repeat=5, warmup=2)
+    # The timing mode leaves the outputs as they were (the optimizing executor is on for LibTorch).
+    for name, want in programs.run(program, model, inputs).items():
+        np.testing.assert_allclose(outputs[name], want, rtol=0, atol=ATOL, err_msg=name)
+    assert timing["program"] == program and timing["threads"] == 1
+    assert (timing["repeat"], timing["warmup"]) == (5, 2)
+    times, cpu = timing["times_ms"], timing["cpu_times_ms"]
+    assert len(times) == len(cpu) == 5 and all(t > 0 for t in times) and min(cpu) >= 0
+    # Its statistics are numpy's (printed with 6 decimals).
+    for key, q in (("median_ms", 50), ("min_ms", 0), ("p90_ms", 90), ("max_ms", 100)):
+        assert timing[key] == pytest.approx(np.percentile(times, q), abs=2e-6), key
+
+
 def test_second_build_reuses_the_first(programs: CppPrograms) -> None:
     lines: list[str] = []
     again = cpp.build(progress=lines.append)
@@ -126,6 +144,8 @@ def test_help_explains_usage(program: tuple[str, Path]) -> None:
     assert f"usage: {name} --model {MODEL_FILE[name]} --inputs DIR --outputs DIR" in done.stdout
     for word in ("input.npy", "lengths.npy", "h0.npy", "c0.npy", "output.npy", "Exit status"):
         assert word in done.stdout
+    for word in ("--threads N", "--repeat N", "--warmup K"):
+        assert word in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -135,6 +155,12 @@ def test_help_explains_usage(program: tuple[str, Path]) -> None:
         (["--model", "m", "--inputs", "i", "--outputs", "o", "--bogus"], "unrecognized argument"),
         (["--model", "m", "--inputs"], "--inputs needs a value"),
         (["--model=m", "--inputs=i", "--outputs=o", "--threads=0"], "--threads needs a positive"),
+        (["--model=m", "--inputs=i", "--outputs=o", "--repeat=0"], "--repeat needs a positive"),
+        (["--model=m", "--inputs=i", "--outputs=o", "--warmup=2"], "--warmup needs --repeat"),
+        (
+            ["--model=m", "--inputs=i", "--outputs=o", "--repeat=2", "--warmup=x"],
+            "--warmup needs a non-negative integer, got x",
+        ),
     ],
 )
 def test_usage_errors_exit_2(program: tuple[str, Path], args: list[str], message: str) -> None:

@@ -9,12 +9,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from lstm_deploy_export.check.compare import INT8, TOLERANCES, compare
 from lstm_deploy_export.export.exporters import OPSET, op_types
 from lstm_deploy_export.export.graphs import DeployLSTM, ExportError
 from lstm_deploy_export.export.writer import export_bundle
 
 from lstm_deploy import LSTM
-from lstm_deploy.bundle import Bundle
+from lstm_deploy.bundle import INT8_ONNX, Bundle
 
 # layers 1-2 x bidirectional x projection, hidden sizes from 8 to 64.
 EXPORT_CONFIGS = [
@@ -90,6 +91,22 @@ def test_onnx_matches_eager_on_onnxruntime(exported, artifact: str) -> None:
         assert_outputs_close(
             session.run(None, inputs), eager(model, inputs), f"{artifact} B={batch} T={steps}"
         )
+
+
+def test_int8_within_its_tolerance_on_onnxruntime(exported) -> None:
+    """model.int8.onnx against the eager module, judged by the int8 class (README "Parity")."""
+    model, bundle = exported
+    if model.proj_size > 0:  # quantized from model.onnx, which has no projection
+        assert not bundle.has(INT8_ONNX)
+        return
+    session = ort.InferenceSession(str(bundle.file(INT8_ONNX)), providers=["CPUExecutionProvider"])
+    tolerance = TOLERANCES[INT8]
+    for batch, steps in SIZES:
+        inputs = make_inputs(model, batch, steps)
+        actual = session.run(None, inputs)
+        for name, a, e in zip(("output", "hn", "cn"), actual, eager(model, inputs)):
+            m = compare(a, e, tolerance, eps32=0.0)
+            assert m.passed, f"int8 B={batch} T={steps} {name}: max abs {m.max_abs:.3g}"
 
 
 def test_onnx_graphs_are_well_formed(exported) -> None:

@@ -4,7 +4,9 @@ Random init (uniform +-1/sqrt(H)) never saturates a gate, and saturated gates ar
 implementations part ways (sigmoid's tails, long memory carrying each step's rounding). The model
 here learns, in the test, to recall a +-1 marker seen at step 0 at every later step: it has to keep
 its forget gates near 1 for the whole sequence. It is then validated on the quick sweep, whose T =
-1024 case has variable lengths, on every row this machine has (C++ included).
+1024 case has variable lengths, on every row this machine has (C++ included): every float artifact
+passes; model.int8.onnx does not (its rounding, carried on by the long memory, changes the
+answer within a few steps).
 """
 
 from __future__ import annotations
@@ -72,7 +74,13 @@ def test_trained_model_is_exact_on_every_artifact(tmp_path: Path) -> None:
 
     bundle = export_bundle(LSTM.from_torch(trained), tmp_path / "bundle")
     report = validate(bundle, quick=True, cpp=True, write=False)
-    assert report.passed, "\n".join(map(str, report.failures))
+    # int8 weights change this model's answer (README "Parity", int8): its rows fail on
+    # tolerance alone, and every float row passes.
+    int8 = [r for r in report.rows if r.artifact == "model.int8.onnx" and r.status != "skipped"]
+    assert int8 and all(r.status == "failed" for r in int8)
+    assert {f.kind for r in int8 for f in r.failures} == {"tolerance"}
+    floats = [f for f in report.failures if f.artifact != "model.int8.onnx"]
+    assert not floats, "\n".join(map(str, floats))
     long_case = next(c for c in report.cases if c.steps >= 500)
     assert long_case.lengths != "full"  # variable lengths at T >= 500
     passed = {(r.runtime, r.artifact): r for r in report.rows if r.status == "passed"}

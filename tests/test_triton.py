@@ -353,6 +353,88 @@ def test_interleaved_sequences_through_the_sequence_batcher_equal_one_shot(
     assert 0 < executions < sum(-(-x.shape[1] // chunk[k]) for k, x in sequences.items())
 
 
+# -- metadata and config, field by field ------------------------------------------------------
+
+# Where our /config may differ from Triton's for the same lstm_python config, and why. Both are
+# compared as Triton's ModelConfig protobuf, so a field one side leaves at its default (false, 0,
+# "", FORMAT_NONE) and the other prints equals it, as in Triton's own gRPC answer.
+CONFIG_DIFFERENCES = {
+    "optimization.input_pinned_memory.enable": "Triton pins host memory for copies to and from "
+    "GPUs by default; our server has no GPU path to pin memory for",
+    "optimization.output_pinned_memory.enable": "the same, for outputs",
+    "default_model_filename": "Triton fills in the python backend's file, model.py; our server "
+    "runs the bundle's model.onnx in process and has no model file to name",
+}
+
+
+def _flat(value: object, path: str = "") -> dict[str, object]:
+    if isinstance(value, dict) and value:
+        return {
+            k: v for key, item in value.items() for k, v in _flat(item, f"{path}{key}.").items()
+        }
+    if isinstance(value, list) and value:
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{path}{i}.").items()}
+    return {path.rstrip("."): value}
+
+
+def _config_differences(ours: dict, theirs: dict) -> dict[str, tuple[object, object]]:
+    """Every field where the two configs differ, as Triton's ModelConfig messages."""
+    from google.protobuf import json_format
+
+    def message(config: dict) -> dict[str, object]:
+        parsed = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+        return _flat(json_format.MessageToDict(parsed, preserving_proto_field_name=True))
+
+    a, b = message(ours), message(theirs)
+    return {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+def test_metadata_and_config_as_triton_presents_them(
+    onnx_bundle: Path, triton: TritonServer
+) -> None:
+    """The same lstm_python config on Triton and ours: the metadata equal, the config equal but
+    where CONFIG_DIFFERENCES says why, over HTTP and gRPC."""
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+    from serving_support import running_servers
+
+    with running_servers(onnx_bundle, model_name="lstm_python") as (ours_http, ours_grpc):
+        found = {}
+        for server, (http_url, grpc_url) in {
+            "triton": (triton.http_url, triton.grpc_url),
+            "ours": (ours_http, ours_grpc),
+        }.items():
+            client = http.InferenceServerClient(http_url)
+            found[server, "http"] = (
+                client.get_model_metadata("lstm_python"),
+                client.get_model_config("lstm_python"),
+            )
+            client.close()
+            client = grpc.InferenceServerClient(grpc_url)
+            found[server, "grpc"] = (
+                client.get_model_metadata("lstm_python"),  # protobuf messages
+                client.get_model_config("lstm_python").config,
+            )
+            client.close()
+    for protocol in ("http", "grpc"):
+        (ours_meta, ours_config), (meta, config) = (
+            found["ours", protocol],
+            found["triton", protocol],
+        )
+        assert ours_meta == meta, protocol
+        if protocol == "grpc":
+            from google.protobuf import json_format
+
+            ours_config, config = (json_format.MessageToDict(c) for c in (ours_config, config))
+        differences = _config_differences(ours_config, config)
+        assert set(differences) == set(CONFIG_DIFFERENCES), (protocol, differences)
+    # What perf_analyzer and tritonclient read: Triton's shapes, the optional inputs.
+    meta, config = found["ours", "http"]
+    assert {t["name"]: t["shape"] for t in meta["inputs"]}["lengths"] == [-1, 1]
+    assert meta["platform"] == "python" and config["backend"] == "python"
+    assert [t["name"] for t in config["input"] if t.get("optional")] == ["lengths", "h0", "c0"]
+
+
 # -- the command and the validate hook ------------------------------------------------------
 
 
@@ -418,3 +500,27 @@ def test_validate_triton_row_runs_the_sweep_through_triton(
     row = next(r for r in report.rows if r.runtime == "triton-python")
     assert row.status == PASSED, (row.reason, row.failures)
     assert len(row.results) == len(report.cases)  # every case went through the real server
+
+
+# -- perf_analyzer: ours against Triton ---------------------------------------------------------
+
+
+def test_loadtest_against_triton_quick(
+    onnx_bundle: Path, triton_python: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`loadtest --against-triton --quick` starts both servers and measures both protocols."""
+    from lstm_deploy_serving import cli
+    from serving_support import perf_analyzer_exe
+
+    exe = perf_analyzer_exe()
+    args = ["loadtest", "--bundle", str(onnx_bundle), "--against-triton", "--quick"]
+    args += ["--concurrency", "2", "--triton-python", str(triton_python)]
+    assert cli.main([*args, "--perf-analyzer", str(exe)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("lstm-deploy ") and " vs Triton 2." in out[0], out[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out[4:]]
+    assert [row[:2] for row in rows] == [["http", "2"], ["grpc", "2"]], out
+    for row in rows:
+        ours, theirs, ratio = float(row[2]), float(row[3]), float(row[4])
+        assert ours > 0 and theirs > 0
+        assert ratio == pytest.approx(ours / theirs, abs=0.01)  # printed to 2 places

@@ -36,6 +36,7 @@ CPU_ROWS = [
     ("openvino-cpu", "model.scan.onnx"),
     ("onnx-reference", "model.onnx"),
     ("onnx-reference", "model.scan.onnx"),
+    ("onnxruntime-cpu", "model.int8.onnx"),  # judged by the int8 class (tests/test_int8.py)
 ]
 CUDA_ROWS = [
     ("torchscript-cuda", "model.pt"),
@@ -46,6 +47,7 @@ CPP_ROWS = [
     ("cpp-libtorch", "model.pt"),
     ("cpp-onnxruntime", "model.onnx"),
     ("cpp-onnxruntime", "model.scan.onnx"),
+    ("cpp-onnxruntime", "model.int8.onnx"),
 ]
 
 

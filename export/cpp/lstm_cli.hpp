@@ -1,13 +1,19 @@
-// What the two programs share: the command line, the signature's files, the input checks and the
-// error convention (one line on stderr; exit 0 success, 1 error, 2 usage error).
+// What the programs share: the command line, the signature's files, the input checks, the timing
+// mode (--repeat) and the error convention (one line on stderr; exit 0 success, 1 error, 2 usage
+// error).
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <ctime>
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <iomanip>
 #include <iostream>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -21,8 +27,11 @@ inline const std::vector<std::string> kInputNames = {"input", "lengths", "h0", "
 inline const std::vector<std::string> kOutputNames = {"output", "hn", "cn"};
 
 struct Args {
+  std::string program;  // the program's name, for the timing line
   std::string model, inputs, outputs;
   int threads = 0;  // 0: the library's default
+  int repeat = 0;   // timed runs after the first (0: no timing)
+  int warmup = 1;   // untimed runs before the timed ones
 };
 
 struct Program {
@@ -37,7 +46,8 @@ class UsageError : public std::runtime_error {
 };
 
 inline std::string usage(const Program& p) {
-  return "usage: " + p.name + " --model " + p.model + " --inputs DIR --outputs DIR [--threads N]\n";
+  return "usage: " + p.name + " --model " + p.model +
+         " --inputs DIR --outputs DIR [--threads N] [--repeat N [--warmup K]]\n";
 }
 
 inline std::string help(const Program& p) {
@@ -55,6 +65,11 @@ inline std::string help(const Program& p) {
          "                 hn.npy [batch, L * D, H_out] and cn.npy [batch, L * D, hidden_size]\n"
          "                 (float32; the directory is created if missing)\n"
          "  --threads N    intra-op threads (default: " + p.runtime + "'s choice)\n"
+         "  --repeat N     timing mode: after the run whose outputs are written, K untimed and\n"
+         "                 N timed runs in this process (inputs loaded once), then one JSON line\n"
+         "                 on stdout: each run's wall and CPU milliseconds (times_ms,\n"
+         "                 cpu_times_ms) and the wall times' median_ms, min_ms, p90_ms, max_ms\n"
+         "  --warmup K     untimed runs before the timed ones (default 1; with --repeat)\n"
          "  --version      print the " + p.runtime + " version\n"
          "  -h, --help     show this help\n\n"
          "Make the inputs with numpy, e.g. numpy.save(\"in/input.npy\", x.astype(numpy.float32)).\n"
@@ -63,10 +78,25 @@ inline std::string help(const Program& p) {
          "Exit status: 0 success, 1 error (files, model, run), 2 usage error.\n";
 }
 
+// A count flag's value: an integer >= minimum, or a UsageError that names the flag.
+inline int parse_count(const std::string& flag, const std::string& text, int minimum) {
+  size_t used = 0;
+  int value = -1;
+  try {
+    value = std::stoi(text, &used);
+  } catch (const std::exception&) {
+  }
+  if (used != text.size() || value < minimum)
+    throw UsageError(flag + " needs a " + (minimum > 0 ? "positive" : "non-negative") +
+                     " integer, got " + text);
+  return value;
+}
+
 // Parses argv; prints help or the version and exits 0, throws UsageError on a bad command line.
 inline Args parse_args(int argc, char** argv, const Program& p) {
   Args a;
-  std::string threads;
+  a.program = p.name;
+  std::string threads, repeat, warmup;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i], value;
     if (arg == "-h" || arg == "--help") {
@@ -87,6 +117,8 @@ inline Args parse_args(int argc, char** argv, const Program& p) {
                         : arg == "--inputs" ? &a.inputs
                         : arg == "--outputs" ? &a.outputs
                         : arg == "--threads" ? &threads
+                        : arg == "--repeat"  ? &repeat
+                        : arg == "--warmup"  ? &warmup
                                              : nullptr;
     if (!slot) throw UsageError("unrecognized argument " + arg);
     if (!inline_value) {
@@ -98,14 +130,11 @@ inline Args parse_args(int argc, char** argv, const Program& p) {
   for (auto [flag, value] :
        {std::pair{"--model", &a.model}, {"--inputs", &a.inputs}, {"--outputs", &a.outputs}})
     if (value->empty()) throw UsageError(std::string(flag) + " is required");
-  if (!threads.empty()) {
-    size_t used = 0;
-    try {
-      a.threads = std::stoi(threads, &used);
-    } catch (const std::exception&) {
-    }
-    if (used != threads.size() || a.threads < 1)
-      throw UsageError("--threads needs a positive integer, got " + threads);
+  if (!threads.empty()) a.threads = parse_count("--threads", threads, 1);
+  if (!repeat.empty()) a.repeat = parse_count("--repeat", repeat, 1);
+  if (!warmup.empty()) {
+    if (repeat.empty()) throw UsageError("--warmup needs --repeat (it warms up the timed runs)");
+    a.warmup = parse_count("--warmup", warmup, 0);
   }
   return a;
 }
@@ -176,6 +205,72 @@ inline std::string one_line(const std::string& message) {
   return out;
 }
 
+// --- the timing mode (--repeat) ---------------------------------------------------------------
+
+// numpy.percentile's default (linear interpolation between the closest ranks), q in [0, 1].
+inline double quantile(std::vector<double> values, double q) {
+  std::sort(values.begin(), values.end());
+  const double position = q * double(values.size() - 1);
+  const size_t low = size_t(position);
+  const size_t high = std::min(low + 1, values.size() - 1);
+  return values[low] + (position - double(low)) * (values[high] - values[low]);
+}
+
+inline std::string json_list(const std::vector<double>& values) {
+  std::ostringstream out;
+  out << std::setprecision(6) << std::fixed << "[";
+  for (size_t i = 0; i < values.size(); ++i) out << (i ? ", " : "") << values[i];
+  return out.str() + "]";
+}
+
+// The timing line: one JSON object on stdout, read by lstm-deploy bench (tools/cpp.py).
+inline void print_timing(const Args& a, const std::vector<double>& wall_ms,
+                         const std::vector<double>& cpu_ms) {
+  std::ostringstream out;
+  out << std::setprecision(6) << std::fixed;
+  out << "{\"program\": \"" << a.program << "\", \"threads\": ";
+  if (a.threads > 0)
+    out << a.threads;
+  else
+    out << "null";
+  out << ", \"warmup\": " << a.warmup << ", \"repeat\": " << a.repeat
+      << ", \"median_ms\": " << quantile(wall_ms, 0.5) << ", \"min_ms\": " << quantile(wall_ms, 0)
+      << ", \"p90_ms\": " << quantile(wall_ms, 0.9) << ", \"max_ms\": " << quantile(wall_ms, 1)
+      << ", \"times_ms\": " << json_list(wall_ms) << ", \"cpu_times_ms\": " << json_list(cpu_ms)
+      << "}";
+  std::cout << out.str() << std::endl;
+}
+
+namespace detail {
+inline bool& forward_ran() {  // whether the program went through run_forward (run_main checks)
+  static bool ran = false;
+  return ran;
+}
+}  // namespace detail
+
+// Every program's forward pass goes through here: `forward()` runs the model on the loaded inputs
+// and `write(result)` saves the outputs, once. With --repeat, `forward` then runs --warmup times
+// untimed and --repeat times timed (wall: steady_clock; CPU: std::clock, all threads of the
+// process, as Python's time.process_time), and the timing line is printed. The inputs stay loaded
+// and bound, so what is timed is the runtime's forward alone, as bench times its Python rows.
+template <typename Forward, typename Write>
+void run_forward(const Args& a, Forward&& forward, Write&& write) {
+  write(forward());
+  detail::forward_ran() = true;
+  if (a.repeat == 0) return;
+  for (int i = 0; i < a.warmup; ++i) forward();
+  std::vector<double> wall_ms, cpu_ms;
+  for (int i = 0; i < a.repeat; ++i) {
+    const auto wall = std::chrono::steady_clock::now();
+    const std::clock_t cpu = std::clock();
+    forward();
+    cpu_ms.push_back(1e3 * double(std::clock() - cpu) / CLOCKS_PER_SEC);
+    wall_ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall).count());
+  }
+  print_timing(a, wall_ms, cpu_ms);
+}
+
 // Runs `body` and turns every exception into one line on stderr and an exit status.
 inline int run_main(int argc, char** argv, const Program& p,
                     const std::function<void(const Args&)>& body) {
@@ -188,6 +283,9 @@ inline int run_main(int argc, char** argv, const Program& p,
   }
   try {
     body(args);
+    if (args.repeat > 0 && !detail::forward_ran())
+      throw std::logic_error("--repeat: this program does not run its model through "
+                             "lstm_cli::run_forward, so nothing was timed");
   } catch (const std::exception& e) {
     std::cerr << p.name << ": error: " << one_line(e.what()) << "\n";
     return 1;

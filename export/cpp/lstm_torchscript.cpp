@@ -1,5 +1,5 @@
 // Runs a bundle's model.pt with LibTorch: forward(input, lengths, h0, c0) -> (output, hn, cn).
-// Usage: lstm_torchscript --model model.pt --inputs DIR --outputs DIR (see --help).
+// Usage: lstm_torchscript --model model.pt --inputs DIR --outputs DIR [--repeat N] (see --help).
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/script.h>
@@ -44,29 +44,37 @@ void run(const lstm_cli::Args& args) {
 
   c10::InferenceMode inference;
   // One forward per process: the graph executor's first call only profiles shapes for optimizing
-  // later calls, which never come here, and costs seconds at long sequences. Off, the first call
-  // runs the same ops without profiling.
-  torch::jit::GraphOptimizerEnabledGuard no_profiling_run(false);
-  c10::IValue result;
-  try {
-    result = module.forward({to_tensor(in.input, torch::kFloat32),
-                             to_tensor(in.lengths, torch::kInt64),
-                             to_tensor(in.h0, torch::kFloat32), to_tensor(in.c0, torch::kFloat32)});
-  } catch (const std::exception& e) {
-    throw std::runtime_error(args.model + ": forward failed: " + describe(e));
-  }
-  if (!result.isTuple() || result.toTupleRef().elements().size() != lstm_cli::kOutputNames.size())
-    throw std::runtime_error(args.model + ": forward returned " + result.tagKind() +
-                             ", expected a tuple (output, hn, cn); is it an lstm-deploy model.pt?");
-  const auto& outputs = result.toTupleRef().elements();
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    const std::string& name = lstm_cli::kOutputNames[i];
-    const torch::Tensor t = outputs[i].toTensor().to(torch::kCPU).contiguous();
-    if (t.scalar_type() != torch::kFloat32)
-      throw std::runtime_error(args.model + ": output " + name + " is " +
-                               c10::toString(t.scalar_type()) + ", expected float32");
-    lstm_cli::save_output(args.outputs, name, t.sizes().vec(), t.const_data_ptr<float>());
-  }
+  // later calls, which never come, and costs seconds at long sequences. Off, the first call runs
+  // the same ops without profiling. With --repeat the later calls come: on, as for a module that
+  // torch.jit.load gives Python (bench's model.pt row), so that both languages time the same.
+  torch::jit::GraphOptimizerEnabledGuard optimizer(args.repeat > 0);
+  const std::vector<c10::IValue> inputs = {
+      to_tensor(in.input, torch::kFloat32), to_tensor(in.lengths, torch::kInt64),
+      to_tensor(in.h0, torch::kFloat32), to_tensor(in.c0, torch::kFloat32)};
+  const auto forward = [&] {
+    try {
+      return module.forward(inputs);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(args.model + ": forward failed: " + describe(e));
+    }
+  };
+  const auto write = [&](const c10::IValue& result) {
+    if (!result.isTuple() ||
+        result.toTupleRef().elements().size() != lstm_cli::kOutputNames.size())
+      throw std::runtime_error(args.model + ": forward returned " + result.tagKind() +
+                               ", expected a tuple (output, hn, cn); is it an lstm-deploy "
+                               "model.pt?");
+    const auto& outputs = result.toTupleRef().elements();
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const std::string& name = lstm_cli::kOutputNames[i];
+      const torch::Tensor t = outputs[i].toTensor().to(torch::kCPU).contiguous();
+      if (t.scalar_type() != torch::kFloat32)
+        throw std::runtime_error(args.model + ": output " + name + " is " +
+                                 c10::toString(t.scalar_type()) + ", expected float32");
+      lstm_cli::save_output(args.outputs, name, t.sizes().vec(), t.const_data_ptr<float>());
+    }
+  };
+  lstm_cli::run_forward(args, forward, write);
 }
 
 }  // namespace

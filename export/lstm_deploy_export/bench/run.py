@@ -3,7 +3,10 @@
 The backends are the runtime registry's (`check.runtimes.RUNTIMES`, TF32 rows left out), each
 named by its bench label; `torch.nn.LSTM` is the reference. Per grid cell, after warm-up, the
 backends run interleaved (the order rotates every round) until `Plan.repeat` rounds or the cell's
-time budget. `lstm-deploy bench --help` (cli/bench.py) says what each number means.
+time budget; then each backend in a process of its own (the C++ programs) runs once, timing as
+many runs as the rounds had inside its process. Around it all: the ceilings that make the peak
+(`ceilings`) and the noise of the machine (`noise`). `lstm-deploy bench --help` (cli/bench.py)
+says what each number means.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -25,9 +29,10 @@ import torch
 
 from lstm_deploy.bundle import OUTPUT, Bundle, load_bundle
 from lstm_deploy.config import LSTMConfig
+from lstm_deploy_export.bench import ceilings, noise
 from lstm_deploy_export.bench import report as bench_report
-from lstm_deploy_export.check.compare import TF32
-from lstm_deploy_export.check.runners import Context, Runner, synced
+from lstm_deploy_export.check.compare import INT8, TF32, TOLERANCES
+from lstm_deploy_export.check.runners import Context, Runner
 from lstm_deploy_export.check.runtimes import RUNTIMES, Runtime
 from lstm_deploy_export.check.sweep import Case, make_inputs
 
@@ -39,6 +44,8 @@ BACKENDS = [r for r in RUNTIMES if r.precision != TF32]
 TIMED = [r.label for r in BACKENDS if r.untimed is None]
 CPU_BACKENDS = [r.label for r in BACKENDS if r.untimed is None and r.device == "cpu"]
 MISMATCH_ATOL = 1e-3  # a backend this far from nn.LSTM is timing something else: flagged
+# ... unless its precision is lower by design: model.int8.onnx is within its class's own bound.
+MISMATCH_ATOLS = {r.label: TOLERANCES[INT8].atol for r in BACKENDS if r.precision == INT8}
 
 Arrays = dict[str, np.ndarray]
 
@@ -61,13 +68,23 @@ class Plan:
     budget: float = 20.0  # seconds of timed rounds per cell, after at least 5 rounds
     threads: int = 1
     clock: str = "wall"  # or "cpu": the process's CPU time (one thread only)
-    peak_size: int = 1024  # of the GEMM that measures the peak
+    peak_size: int = 1024  # of the GEMMs that measure the ceilings
     device: str = "cpu"  # where the reference and the default backends run: "cpu" or "cuda"
+    cpp: bool = False  # build the C++ programs and time their rows
     skipped: list[dict[str, str]] = field(default_factory=list)
+    _context: Context | None = field(default=None, init=False, repr=False)
 
     @property
     def reference(self) -> str:
         return REFERENCES[self.device]
+
+    @property
+    def context(self) -> Context:
+        """The runtimes' context, one per plan: the C++ programs are built once, in `make`."""
+        if self._context is None:
+            say = lambda line: print(line, file=sys.stderr)  # noqa: E731 (the C++ build's)
+            self._context = Context(threads=self.threads, cpp=self.cpp, say=say)
+        return self._context
 
     @property
     def timer(self) -> Callable[[], float]:
@@ -87,7 +104,7 @@ class Plan:
                 f"--backends must include {plan.reference} (the reference on {plan.device}) and "
                 f"name only {','.join(TIMED)}"
             )
-        context = Context(threads=plan.threads)
+        context = plan.context
         for entry in BACKENDS:
             if entry.label not in wanted and (entry.untimed is None or entry.device != plan.device):
                 continue
@@ -107,26 +124,36 @@ class Plan:
 def run(plan: Plan, bundles: dict[int, Bundle], seed: int = 0, memory: bool = True) -> dict:
     """Time every cell of the grid on `bundles` ({hidden size: bundle}); the result as data."""
     torch.set_num_threads(plan.threads)
-    peak = gemm_peak_gflops(plan.peak_size, plan.device)
-    rows = run_grid(bundles, plan, seed, peak)
+    start = noise.sample(processes=True)
+    machine = machine_info(plan.threads, plan.device)
+    measured_ceilings = ceilings.measure(plan.device, plan.threads, plan.peak_size)
+    peak = ceilings.peak(measured_ceilings)
+    assert peak.gflops is not None
+    rows = run_grid(bundles, plan, seed, peak.gflops)
     measured: dict[str, Any] = {}
     if memory and plan.device == "cpu":  # RSS: host memory, not what a CUDA backend holds
         largest = max(_cells(bundles, plan.grid), key=lambda c: c.batch * c.steps * c.hidden)
         measured = measure_memory(bundles[largest.hidden], plan, largest)
+    end = noise.sample(processes=True)
+    quiet = noise.between(start, end) if start and end else None
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(plan.threads, plan.device),
+        "machine": machine,
         "clock": plan.clock,
         "device": plan.device,
         "reference": plan.reference,
-        "gemm_peak_gflops": peak,
+        "noisy": quiet.noisy if quiet else None,
+        "noise": quiet.to_dict() if quiet else {"verdict": "unknown (no /proc/stat: not Linux)"},
+        "peak_gflops": peak.gflops,
+        "peak_ceiling": peak.name,
+        "ceilings": [c.to_dict() for c in measured_ceilings],
         "grid": plan.grid,
         "models": {str(h): b.config.to_dict() for h, b in bundles.items()},
         "rows": rows,
         "summary": bench_report.summary(rows, plan.reference),
         "memory": measured,
         "skipped": plan.skipped,
-        "method": bench_report.method(plan.clock, plan.reference, plan.device),
+        "method": bench_report.method(plan.clock, plan.reference, plan.device, plan.cpp),
     }
 
 
@@ -146,16 +173,20 @@ def run_grid(
             for cell in (c for c in cells if c.hidden == hidden):
                 bar.set_postfix_str(f"B={cell.batch} T={cell.steps} H={cell.hidden}")
                 inputs = cell_inputs(bundle.config, cell, seed)
+                start = noise.sample()
                 samples, errors = time_cell(backends, inputs, plan)
+                end = noise.sample()
                 flops = bundle.config.gemm_flops(cell.batch, cell.steps)
-                rows += summarize(cell, samples, errors, flops, peak, plan.reference)
+                others = noise.between(start, end).others if start and end else None
+                for row in summarize(cell, samples, errors, flops, peak, plan.reference):
+                    rows.append({**row, "others_cores": others})  # which cells a neighbour hit
                 bar.update()
     return rows
 
 
 def present(bundle: Bundle, plan: Plan) -> list[Runtime]:
     """The plan's backends that can run on `bundle`; the others go to the plan's skipped."""
-    context = Context(threads=plan.threads)
+    context = plan.context
     entries = {r.label: r for r in BACKENDS}
     found = []
     for label in plan.backends:
@@ -169,7 +200,7 @@ def present(bundle: Bundle, plan: Plan) -> list[Runtime]:
 
 def load_backends(bundle: Bundle, plan: Plan) -> dict[str, Runner]:
     """{label: runner} for the plan's backends that the bundle has, in the plan's order."""
-    context = Context(threads=plan.threads)
+    context = plan.context
     return {entry.label: entry.make(bundle, context) for entry in present(bundle, plan)}
 
 
@@ -181,16 +212,20 @@ def cell_inputs(config: LSTMConfig, cell: Cell, seed: int) -> Arrays:
 def time_cell(
     backends: dict[str, Runner], inputs: Arrays, plan: Plan
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Seconds per call of each backend (interleaved rounds), and each one's max abs error."""
+    """Seconds per call of each backend, and each one's max abs error against the reference.
+
+    The backends in bench's process run interleaved rounds; then each one in a process of its own
+    (`Runner.timed`: the C++ programs) runs once, with as many timed runs as there were rounds,
+    after the same warm-up, and reports the times it took inside its process.
+    """
     samples: dict[str, list[float]] = {name: [] for name in backends}
+    outputs: dict[str, np.ndarray] = {}
     with torch.inference_mode():
-        calls = {name: runner.prepare(inputs) for name, runner in backends.items()}
-        outputs = {}
+        calls = {n: r.prepare(inputs) for n, r in backends.items() if r.timed is None}
         for name, call in calls.items():
             for _ in range(plan.warmup):
                 result = call()
             outputs[name] = backends[name].outputs(result)[OUTPUT]
-        errors = {n: float(np.abs(o - outputs[plan.reference]).max()) for n, o in outputs.items()}
         names = list(calls)
         start = time.perf_counter()
         for r in range(plan.repeat):
@@ -201,6 +236,14 @@ def time_cell(
                 samples[name].append(plan.timer() - t0)
             if r + 1 >= min(5, plan.repeat) and time.perf_counter() - start > plan.budget:
                 break
+    rounds = len(samples[plan.reference])
+    times = "times_ms" if plan.clock == "wall" else "cpu_times_ms"
+    for name, runner in backends.items():
+        if runner.timed is not None:
+            result, timing = runner.timed(inputs, plan.warmup, rounds)
+            outputs[name] = runner.outputs(result)[OUTPUT]
+            samples[name] = [ms / 1e3 for ms in timing[times]]
+    errors = {n: float(np.abs(o - outputs[plan.reference]).max()) for n, o in outputs.items()}
     return samples, errors
 
 
@@ -232,26 +275,14 @@ def summarize(
                 "gflops": flops / median / 1e9,
                 "peak_fraction": flops / median / 1e9 / peak,
                 "max_abs_err": errors[name],
-                "mismatch": errors[name] > MISMATCH_ATOL,
+                "mismatch": errors[name] > MISMATCH_ATOLS.get(name, MISMATCH_ATOL),
             }
         )
     return rows
 
 
-def gemm_peak_gflops(size: int = 1024, device: str = "cpu") -> float:
-    """The device's float32 GEMM rate: the best of 5 torch.mm (n x n) @ (n x n); TF32 off."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    mm = synced(lambda: torch.mm(a, b), device)
-    mm()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        mm()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
-
-
 def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
+    """The CPU (and GPU), the threads, every version that bears on the numbers, the load."""
     import onnxruntime as ort
 
     cpu = platform.processor() or platform.machine()
@@ -267,6 +298,7 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
+        "versions": versions(),
         **(
             {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
             if device == "cuda"
@@ -276,10 +308,25 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
     }
 
 
+def versions() -> dict[str, str | None]:
+    """The packages, and the kernels' libraries inside torch (oneDNN, MKL): the C++ programs use
+    the same (LibTorch from the torch wheel, the onnxruntime wheel's library)."""
+    from lstm_deploy.versions import installed, package_version
+
+    found: dict[str, str | None] = {"lstm-deploy": package_version()}
+    found |= {n: installed(n) for n in ("torch", "onnxruntime", "onnx", "openvino", "numpy")}
+    config = torch.__config__.show()
+    for name, pattern in (("oneDNN", r"MKL-DNN v([\w.]+)"), ("MKL", r"Library Version ([\w.]+)")):
+        match = re.search(pattern, config)
+        found[name] = match.group(1) if match else None
+    return found
+
+
 def measure_memory(bundle: Bundle, plan: Plan, cell: Cell) -> dict[str, dict[str, Any]]:
-    """Peak RSS per backend, each in a fresh child process (see `_memory_child`)."""
+    """Peak RSS per backend, each in a fresh child process (see `_memory_child`); the backends in
+    a process of their own (the C++ programs) are left out: the child would measure itself."""
     memory: dict[str, dict[str, Any]] = {}
-    for name in (entry.label for entry in present(bundle, plan)):
+    for name in (entry.label for entry in present(bundle, plan) if not entry.own_process):
         spec = json.dumps(
             {"bundle": str(bundle.path), "backend": name, "cell": vars(cell),
              "threads": plan.threads}

@@ -11,6 +11,7 @@ REL_FLOOR = 1e-3  # max rel divides by max(|reference|, REL_FLOOR)
 
 # The precision classes of the runtimes (check.runtimes), each judged by its own tolerance.
 FLOAT32, CUDA_FLOAT32, TF32 = "float32", "cuda-float32", "tf32"
+INT8 = "int8"  # model.int8.onnx: int8 weights, uint8 activations (DynamicQuantizeLSTM)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,18 @@ TOLERANCES = {
     FLOAT32: Tolerance(atol=1e-5, rtol=1e-5, f32_factor=10.0),
     CUDA_FLOAT32: Tolerance(atol=5e-5, rtol=1e-5, f32_factor=10.0),
     TF32: Tolerance(atol=1e-2, rtol=1e-2, f32_factor=1e4),
+    INT8: Tolerance(atol=3e-2, rtol=1e-2, f32_factor=0.0),
 }
+# int8 is a declared bound, not a multiple of eps32 (README "Parity", int8). Every product's
+# operands are rounded to 8 bits: a weight by up to 2^-8 of its gate row's largest weight, an input
+# by 2^-9 of the range of the GEMM's input. At PyTorch's init (H = 256) that puts a gate's
+# pre-activation ~3e-3 (rms) off, the cell state a few times that; f's error is carried in
+# proportion to |c| (the rtol term). Measured, validate's thorough sweep (3 seeds, T 1 to 1024,
+# variable lengths) on PyTorch-initialised LSTMs, H 8 to 512, 1-2 layers, uni- and bidirectional:
+# max abs 1.35e-2 (cn; output and hn <= 6.5e-3), flat in T and |ref|: the bound leaves 2.2x. A
+# wrong gate order is 10-50x over it, ignored lengths 24x. It is not widened for models whose gates
+# saturate and remember for long: int8 changes their answer (a trained recall model: 0.8 off at
+# T = 9, 17 at T = 300; forget-gate bias +3: 0.25 at T = 300), and validate's int8 row says so.
 # torch.nn.LSTM float64 against the float64 oracle: two float64 implementations of one function.
 REFERENCE_TOLERANCE = Tolerance(atol=1e-9, rtol=1e-9, f32_factor=1e-6)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lstm_deploy.bundle import INPUT, LENGTHS, TORCHSCRIPT, Bundle, Signature
+from lstm_deploy.bundle import AOTI, INPUT, LENGTHS, TORCHSCRIPT, Bundle, Signature
 from lstm_deploy.model import LSTM
 from lstm_deploy_export.check import ort_session
 from lstm_deploy_export.export.graphs import DeployLSTM
@@ -40,10 +40,17 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True)
 class Runner:
-    """A loaded artifact: `prepare(inputs)` returns the call to time; `outputs` makes it numpy."""
+    """A loaded artifact: `prepare(inputs)` returns the call to time; `outputs` makes it numpy.
+
+    `timed`, for a runtime in a process of its own (the C++ programs), where one call per process
+    would time the process's start: `timed(inputs, warmup, repeat)` runs it once for the outputs,
+    then `warmup` untimed and `repeat` timed runs inside that process, and returns the result and
+    the process's timing (`tools.cpp.CppPrograms.time`'s: times_ms, cpu_times_ms per run).
+    """
 
     prepare: Callable[[Arrays], Callable[[], Any]]
     outputs: Callable[[Any], Arrays]
+    timed: Callable[[Arrays, int, int], tuple[Any, dict[str, Any]]] | None = None
 
     def __call__(self, inputs: Arrays) -> Arrays:
         return self.outputs(self.prepare(inputs)())
@@ -188,6 +195,19 @@ def run_torchscript(device: str, tf32: bool = False) -> Callable[[Bundle, Contex
     return make
 
 
+def run_aoti(bundle: Bundle, context: Context) -> Runner:
+    """model.pt2 through AOTInductor's Python loader (CPU: the package is compiled for it)."""
+    from lstm_deploy_export.export.aoti import load_aoti
+
+    sig, run = bundle.signature, load_aoti(bundle.file(AOTI))
+
+    def prepare(inputs: Arrays) -> Callable[[], Any]:
+        tensors = torch_inputs(inputs, sig)
+        return lambda: run(tensors)
+
+    return Runner(prepare, lambda result: arrays(sig, result))
+
+
 def run_onnxruntime(
     artifact: str, provider: str, tf32: bool = False
 ) -> Callable[[Bundle, Context], Runner]:
@@ -237,7 +257,12 @@ def run_cpp(program: str, artifact: str) -> Callable[[Bundle, Context], Runner]:
         def prepare(inputs: Arrays) -> Callable[[], Arrays]:
             return lambda: programs.run(program, path, inputs, threads=context.threads)
 
-        return Runner(prepare, lambda result: result)
+        def timed(inputs: Arrays, warmup: int, repeat: int) -> tuple[Arrays, dict[str, Any]]:
+            return programs.time(
+                program, path, inputs, warmup=warmup, repeat=repeat, threads=context.threads
+            )
+
+        return Runner(prepare, lambda result: result, timed)
 
     return make
 

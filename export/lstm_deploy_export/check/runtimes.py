@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lstm_deploy.bundle import ONNX, SCAN_ONNX, TORCHSCRIPT, WEIGHTS, Bundle
+from lstm_deploy.bundle import AOTI, INT8_ONNX, ONNX, SCAN_ONNX, TORCHSCRIPT, WEIGHTS, Bundle
 from lstm_deploy_export.check import ort_session
-from lstm_deploy_export.check.compare import CUDA_FLOAT32, FLOAT32, TF32
+from lstm_deploy_export.check.compare import CUDA_FLOAT32, FLOAT32, INT8, TF32
 from lstm_deploy_export.check.runners import (
     Context,
     Runner,
+    run_aoti,
     run_cpp,
     run_eager,
     run_nn_lstm,
@@ -46,15 +47,21 @@ class Runtime:
     make: Callable[[Bundle, Context], Runner]
     reference: bool = False  # bench's reference (torch.nn.LSTM), not a validate row
     untimed: str | None = None  # why bench does not time it
+    # Runs in a process of its own (the C++ programs): it times itself (Runner.timed), and bench's
+    # peak-RSS children, which measure a Python process, leave it out.
+    own_process: bool = False
 
     def unavailable(self, bundle: Bundle, context: Context) -> str | None:
         """Why this row is skipped for `bundle` here, or None when it can run."""
         if not bundle.has(self.artifact):
-            if self.artifact == ONNX and bundle.config.proj_size > 0:
+            if self.artifact in (ONNX, INT8_ONNX) and bundle.config.proj_size > 0:
                 return (
-                    f"{ONNX} is not in the bundle (the ONNX LSTM op has no projection: "
+                    f"{self.artifact} is not in the bundle (the ONNX LSTM op has no projection: "
                     "proj_size > 0)"
                 )
+            skipped = bundle.skipped(self.artifact)  # the export's reason, e.g. no C++ compiler
+            if skipped is not None:
+                return f"{self.artifact} is not in the bundle: {skipped}"
             return f"{self.artifact} is not in the bundle (exported without it)"
         return self.available(context)
 
@@ -100,12 +107,27 @@ def _openvino_available(context: Context) -> str | None:
     return None
 
 
-_NO_CPP_TIMING = (
-    "the C++ programs of export/cpp have no timing mode (one forward per process, inputs "
-    "through .npy files: process start and file I/O would dominate)"
-)
-
 _REFERENCE_SPEED = "a reference implementation in numpy, written to be read, not to be fast"
+
+
+# Where model.int8.onnx does not run, and why (tests/test_int8.py shows each on this machine but
+# CUDA's). Its DynamicQuantizeLSTM is an ONNX Runtime contrib op, registered for the CPU only.
+def _int8_not_on(reason: str) -> Callable[[Context], str | None]:
+    return lambda context: reason
+
+
+_INT8_OPENVINO = _int8_not_on(
+    f"OpenVINO ignores the LSTM op's sequence_lens, which {INT8_ONNX} relies on (its pad flag's "
+    f"weights are zeroed for quantization): c_n would be wrong at variable lengths; run {ONNX}"
+)
+_INT8_REFERENCE = _int8_not_on(
+    "onnx's reference evaluator has no DynamicQuantizeLSTM (an ONNX Runtime contrib op, "
+    "domain com.microsoft)"
+)
+_INT8_CUDA = _int8_not_on(
+    "ONNX Runtime has no CUDA kernel for DynamicQuantizeLSTM (CPU only): its LSTM ops would run "
+    "on the CPU"
+)
 
 # The registry. Its order is the report's.
 RUNTIMES = (
@@ -135,6 +157,16 @@ RUNTIMES = (
     Runtime("onnx-reference", SCAN_ONNX, "model.scan.onnx (onnx reference)", "cpu", FLOAT32,
             "onnx.reference.ReferenceEvaluator (numpy)", _always, run_onnx_reference(SCAN_ONNX),
             untimed=_REFERENCE_SPEED),
+    Runtime("onnxruntime-cpu", INT8_ONNX, "model.int8.onnx", "cpu", INT8,
+            "onnxruntime, CPUExecutionProvider (DynamicQuantizeLSTM)", _always,
+            run_onnxruntime(INT8_ONNX, ort_session.CPU)),
+    Runtime("openvino-cpu", INT8_ONNX, "model.int8.onnx (OpenVINO)", "cpu", INT8,
+            "OpenVINO, CPU", _INT8_OPENVINO, run_openvino(INT8_ONNX)),
+    Runtime("onnx-reference", INT8_ONNX, "model.int8.onnx (onnx reference)", "cpu", INT8,
+            "onnx.reference.ReferenceEvaluator (numpy)", _INT8_REFERENCE,
+            run_onnx_reference(INT8_ONNX), untimed=_REFERENCE_SPEED),
+    Runtime("aoti-cpu", AOTI, "model.pt2", "cpu", FLOAT32,
+            "torch._inductor.aoti_load_package, CPU", _always, run_aoti),
     Runtime("torchscript-cuda", TORCHSCRIPT, "model.pt (cuda)", "cuda", CUDA_FLOAT32,
             "torch.jit.load, CUDA, TF32 off", cuda_unavailable, run_torchscript("cuda")),
     Runtime("onnxruntime-cuda", ONNX, "model.onnx (ORT CUDA)", "cuda", CUDA_FLOAT32,
@@ -143,6 +175,8 @@ RUNTIMES = (
     Runtime("onnxruntime-cuda", SCAN_ONNX, "model.scan.onnx (ORT CUDA)", "cuda", CUDA_FLOAT32,
             "CUDAExecutionProvider, use_tf32=0", ort_cuda_unavailable,
             run_onnxruntime(SCAN_ONNX, ort_session.CUDA)),
+    Runtime("onnxruntime-cuda", INT8_ONNX, "model.int8.onnx (ORT CUDA)", "cuda", INT8,
+            "CUDAExecutionProvider", _INT8_CUDA, run_onnxruntime(INT8_ONNX, ort_session.CUDA)),
     Runtime("torchscript-cuda-tf32", TORCHSCRIPT, "model.pt (cuda, TF32)", "cuda", TF32,
             "torch.jit.load, CUDA, TF32 on", cuda_unavailable, run_torchscript("cuda", tf32=True)),
     Runtime("onnxruntime-cuda-tf32", ONNX, "model.onnx (ORT CUDA, TF32)", "cuda", TF32,
@@ -150,13 +184,19 @@ RUNTIMES = (
             run_onnxruntime(ONNX, ort_session.CUDA, tf32=True)),
     Runtime("cpp-libtorch", TORCHSCRIPT, "model.pt (C++ LibTorch)", "cpu", FLOAT32,
             "C++ LibTorch (export/cpp lstm_torchscript)", _cpp_available("lstm_torchscript"),
-            run_cpp("lstm_torchscript", TORCHSCRIPT), untimed=_NO_CPP_TIMING),
+            run_cpp("lstm_torchscript", TORCHSCRIPT), own_process=True),
+    Runtime("cpp-aoti", AOTI, "model.pt2 (C++ AOTInductor)", "cpu", FLOAT32,
+            "C++ AOTIModelPackageLoader (export/cpp lstm_aoti)", _cpp_available("lstm_aoti"),
+            run_cpp("lstm_aoti", AOTI), own_process=True),
     Runtime("cpp-onnxruntime", ONNX, "model.onnx (C++ ONNX Runtime)", "cpu", FLOAT32,
             "C++ ONNX Runtime (export/cpp lstm_onnxruntime)", _cpp_available("lstm_onnxruntime"),
-            run_cpp("lstm_onnxruntime", ONNX), untimed=_NO_CPP_TIMING),
+            run_cpp("lstm_onnxruntime", ONNX), own_process=True),
     Runtime("cpp-onnxruntime", SCAN_ONNX, "model.scan.onnx (C++ ONNX Runtime)", "cpu", FLOAT32,
             "C++ ONNX Runtime (lstm_onnxruntime)", _cpp_available("lstm_onnxruntime"),
-            run_cpp("lstm_onnxruntime", SCAN_ONNX), untimed=_NO_CPP_TIMING),
+            run_cpp("lstm_onnxruntime", SCAN_ONNX), own_process=True),
+    Runtime("cpp-onnxruntime", INT8_ONNX, "model.int8.onnx (C++ ONNX Runtime)", "cpu", INT8,
+            "C++ ONNX Runtime (lstm_onnxruntime)", _cpp_available("lstm_onnxruntime"),
+            run_cpp("lstm_onnxruntime", INT8_ONNX), own_process=True),
     Runtime("triton-python", ONNX, "model.onnx (Triton python)", "cpu", FLOAT32,
             "Triton python backend (lstm_python), tritonclient", _triton_available, run_triton,
             untimed="a server: time it with lstm-deploy loadtest"),

@@ -1,33 +1,50 @@
 """Time every backend of a bundle against torch.nn.LSTM with the same weights, in one process.
 
 Backends (the runtime registry's, which validate checks too): torch.nn.LSTM (the reference), the
-scratch module in eager mode, model.pt (TorchScript), model.onnx and model.scan.onnx on ONNX
-Runtime's CPU execution provider and on OpenVINO (rows that cannot run here are listed as skipped,
-with the reason); the CUDA rows with --device cuda, below.
+scratch module in eager mode, every artifact of the bundle on each runtime that runs it here
+(TorchScript, ONNX Runtime's CPU execution provider, OpenVINO, ...), and with --cpp the C++
+programs of export/cpp (LibTorch, the ONNX Runtime C++ API); rows that cannot run here are listed
+as skipped, with the reason; the CUDA rows with --device cuda, below.
 
 Every backend runs the deployed signature with full lengths (nn.LSTM unpacked: full lengths need no
 packing) on the same inputs, with --threads intra-op threads. Per grid cell, after warm-up, the
 backends run interleaved (the order rotates every round) until --repeat rounds or the cell's time
 budget; each row reports the median, the spread (interquartile range), sequences/s, the throughput
 ratio to nn.LSTM (nn.LSTM's median / the row's median: > 1 is faster), and the achieved GFLOP/s
-with its fraction of this machine's GEMM peak (torch.mm, measured at the start of the run, same
-threads). FLOPs count the GEMMs: 2 * T * B * 4H * (I_l + H_out) per layer and direction
-(+ 2 * T * B * H * P with a projection); the pointwise work is not counted. Each row also checks
-the backend's output against nn.LSTM's. Peak memory: each backend in its own child process
-running the largest cell; VmHWM of the child, and its growth over the child's RSS after imports.
+with its fraction of this machine's peak. FLOPs count the GEMMs: 2 * T * B * 4H * (I_l + H_out)
+per layer and direction (+ 2 * T * B * H * P with a projection); the pointwise work is not
+counted. Each row also checks the backend's output against nn.LSTM's. Peak memory: each backend in
+its own child process running the largest cell; VmHWM of the child, and its growth over the
+child's RSS after imports.
+
+The peak is the best of several ceilings measured at the start of the run with the same threads:
+torch.mm (MKL), oneDNN's linear, nn.LSTM (oneDNN) at a large cell, ONNX Runtime's MatMul; each is
+reported. One library's GEMM is not the machine's: MKL's sgemm runs a slow path on AMD CPUs.
+
+The C++ rows (--cpp) are not interleaved: after a cell's rounds, each C++ program runs once in its
+own process with its timing mode (--repeat N --warmup K: the inputs loaded once, as many timed runs
+as the rounds had, timed inside the process), and its median is compared with nn.LSTM's from the
+rounds just before. Alone in its process a model runs back to back with its weights in cache, which
+the interleaved rows share: on small cells that alone favours the C++ rows.
+
+Noise: bench records the load average at the start and end and the CPU time of other processes
+during the run (all CPUs' busy time minus bench's own, its children included) and the steal time.
+If others or steal used more than 10% of a core on average, it warns on stderr and marks the
+report noisy, naming the busiest processes: publish only numbers from a quiet run.
 
 With --device cuda the reference is torch.nn.LSTM on CUDA (cuDNN), the default backends are the
 CUDA rows (model.pt on CUDA, the ONNX graphs on ONNX Runtime's CUDA execution provider with their
-inputs and outputs bound on the device, as torch's stay there), TF32 off, the
-GEMM peak is the GPU's (torch.mm, TF32 off), and no peak RSS is measured (host memory says nothing
-about the GPU's).
+inputs and outputs bound on the device, as torch's stay there), TF32 off, the peak is the GPU's
+(torch.mm on cuBLAS, TF32 off), and no peak RSS is measured (host memory says nothing about the
+GPU's).
 
 Without BUNDLE, a temporary bundle is exported per hidden size (a seeded random model). Writes
-bench.json (every number), bench.md (the tables) and bench.png (throughput vs T) into --out.
+bench.json (every number), bench.md (the tables), bench.png (throughput against T) and
+bench-ratio.png (the ratio to nn.LSTM against T) into --out.
 
 examples:
   lstm-deploy bench --quick
-  lstm-deploy bench --out docs/                     the default grid, 27 cells (several minutes)
+  lstm-deploy bench --cpp --out docs/               the default grid, 27 cells (several minutes)
   lstm-deploy bench bundle/ --batch 1,32 --steps 100 --clock cpu
   lstm-deploy bench --device cuda --batch 1,64,256 --steps 128,1024 --hidden 256,1024
 """
@@ -91,6 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu (default): nn.LSTM on the CPU is the reference; cuda: nn.LSTM on CUDA (cuDNN) "
         "is, and the default backends are the CUDA rows",
     )  # fmt: skip
+    parser.add_argument(
+        "--cpp", action="store_true",
+        help="build the C++ programs (export/cpp; a minute the first time) and time their rows",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS children")
     parser.add_argument("--seed", type=int, default=0)
@@ -117,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             clock=args.clock,
             peak_size=8192 if args.device == "cuda" else 512 if args.quick else 1024,
             device=args.device,
+            cpp=args.cpp,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -125,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
     result = {"command": command_line(args), **measured}
     report.write(result, args.out)
     print(report.terminal(result))
-    print(f"wrote {args.out}/bench.json, bench.md, bench.png", file=sys.stderr)
+    print(f"wrote {args.out}/bench.json, bench.md, " + ", ".join(report.FIGURES), file=sys.stderr)
+    if result["noisy"]:
+        print(f"lstm-deploy bench: warning: {result['noise']['verdict']}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -2,6 +2,9 @@
 (native ONNX LSTM op), model.scan.onnx (ONNX Scan), a Triton model repository, and manifest.json
 with checksums. The model comes from exactly one of --weights, --checkpoint or --demo.
 
+model.pt2 (torch.export + AOTInductor, for C++'s AOTIModelPackageLoader; CPU) is compiled with a
+C++ compiler, ~10 s a layer: without one, the default leaves it out and the manifest says why.
+
 examples:
   lstm-deploy export --demo --input-size 32 --hidden-size 64 --out bundle
   lstm-deploy export --checkpoint lstm_state_dict.pt --batch-first --out bundle

@@ -1,7 +1,8 @@
 """Check every artifact of a bundle on every runtime against two references, over a sweep.
 
 Rows (runtime x artifact): the scratch module in eager PyTorch (float32), TorchScript on CPU,
-ONNX Runtime's CPUExecutionProvider (model.onnx and model.scan.onnx), and, where present,
+ONNX Runtime's CPUExecutionProvider (model.onnx, model.scan.onnx, and model.int8.onnx, judged by
+its own int8 tolerance: README "Parity"), and, where present,
 TorchScript on CUDA and ONNX Runtime's CUDAExecutionProvider with TF32 off, and (with --cpp) the
 C++ programs of export/cpp, and (with --triton) a real tritonserver's python-backend model. A
 runtime that is not present is skipped with the reason, never passed.

@@ -14,6 +14,7 @@ import onnx
 import torch
 from torch import nn
 
+from lstm_deploy._ready import make_ready
 from lstm_deploy.bundle import BATCH, INPUT, LENGTHS, SEQUENCE, Signature, lstm_signature
 from lstm_deploy.model import LSTM
 from lstm_deploy.versions import package_version
@@ -47,9 +48,17 @@ def example_inputs(model: LSTM, batch: int = 2, steps: int = 3) -> tuple[torch.T
     return tuple(tensors)
 
 
-def export_torchscript(model: LSTM, path: str | Path) -> Path:
-    """`model.pt`: the scratch module scripted (not traced) behind the deployed signature."""
-    scripted = torch.jit.script(DeployLSTM(model))
+def export_torchscript(model: LSTM, path: str | Path, onednn_from_batch: int | None = None) -> Path:
+    """`model.pt`: the scratch module scripted (not traced) behind the deployed signature.
+
+    Its copy of the model gets `ReadyWeights` (lstm_deploy._ready): the weights laid out for the
+    no-grad loop, derived again on load rather than stored, and the GEMMs' route by batch size:
+    oneDNN from `onednn_from_batch` on (0: never), MKL below; None measures where oneDNN is
+    faster on this machine (`choose_onednn_from_batch`).
+    """
+    deploy = DeployLSTM(model)
+    make_ready(deploy.lstm, onednn_from_batch)
+    scripted = torch.jit.script(deploy)
     torch.jit.save(scripted, str(path))
     return Path(path)
 

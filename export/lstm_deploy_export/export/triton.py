@@ -3,10 +3,11 @@
 Each config is a dict in the JSON form of Triton's ModelConfig (what Triton's
 `GET /v2/models/{m}/config` returns); the manifest keeps the dicts and our server serves them.
 
-The repository holds four models over the same weights:
+The repository holds these models over the same weights:
 
 - `lstm_onnx` (onnxruntime backend) and `lstm_torchscript` (libtorch backend): for NVIDIA's
-  Triton container, CPU or GPU;
+  Triton container, CPU or GPU; `lstm_onnx_int8` (onnxruntime backend): `model.int8.onnx`, whose
+  DynamicQuantizeLSTM ops run on the CPU only;
 - `lstm_python` and `lstm_python_stateful` (python backend): `model.onnx` run by ONNX Runtime
   inside Triton's python backend, batched with `lstm_deploy_serving.batching` (requests of
   different lengths merged by padding + `lengths`, as our server does) and, in the stateful one,
@@ -24,8 +25,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lstm_deploy.bundle import BATCH, INPUT, KSERVE_DIR, ONNX, TORCHSCRIPT, Signature, TensorSpec
+from lstm_deploy.bundle import (
+    BATCH,
+    INPUT,
+    INT8_ONNX,
+    KSERVE_DIR,
+    ONNX,
+    TORCHSCRIPT,
+    Signature,
+    TensorSpec,
+)
 
+INT8_MODEL = "lstm_onnx_int8"  # model.int8.onnx on the onnxruntime backend
 MAX_BATCH_SIZE = 64
 MAX_QUEUE_DELAY_US = 500
 MAX_SEQUENCE_IDLE_US = 60_000_000
@@ -256,13 +267,15 @@ def write_repository(
     onnx_model: Path | None,
     torchscript_model: Path | None,
     streamable: bool = True,
+    int8_model: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write `root/<model>/config.pbtxt` and `root/<model>/1/<files>`; return the configs by name.
 
     The python-backend models come with `onnx_model`; the stateful one only if the model is
     `streamable`: a bidirectional LSTM is not (its backward direction would have to run over
-    steps that have not arrived yet). Beside `root`, the KServe manifest for its onnxruntime and
-    libtorch models: `root/../kserve/inferenceservice.yaml`.
+    steps that have not arrived yet). `int8_model` (model.int8.onnx) is served by the onnxruntime
+    backend as `lstm_onnx_int8`, under the backend's default file name. Beside `root`, the KServe
+    manifest for its onnxruntime and libtorch models: `root/../kserve/inferenceservice.yaml`.
     """
     configs: dict[str, dict[str, Any]] = {}
     python_header = (
@@ -271,6 +284,13 @@ def write_repository(
     )
     models = [
         (onnx_config(sig), onnx_model, ONNX, ""),
+        (
+            onnx_config(sig, INT8_MODEL),
+            int8_model,
+            ONNX,
+            f"\n1/{ONNX} is the bundle's {INT8_ONNX}: its LSTM ops are ONNX Runtime's"
+            "\nDynamicQuantizeLSTM (int8 weights), which runs on the CPU only.",
+        ),
         (
             torchscript_config(sig),
             torchscript_model,

@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lstm_deploy.bundle import (
+    AOTI,
     ARTIFACTS,
     FORMAT_VERSION,
+    INT8_ONNX,
     KSERVE_DIR,
     MANIFEST,
     ONNX,
@@ -29,8 +31,9 @@ from lstm_deploy.bundle import (
 from lstm_deploy.model import LSTM
 from lstm_deploy.versions import installed, package_version
 from lstm_deploy.weights import check_finite, load_safetensors, save_safetensors
-from lstm_deploy_export.export import triton
+from lstm_deploy_export.export import aoti, triton
 from lstm_deploy_export.export.exporters import OPSET, export_onnx, export_torchscript
+from lstm_deploy_export.export.quantize import quantize_onnx
 
 __all__ = ["export_bundle", "load_model", "parse_artifacts"]
 
@@ -46,12 +49,20 @@ def parse_artifacts(spec: str | Iterable[str] | None, model: LSTM) -> list[str]:
         kinds = list(ARTIFACTS)
         if model.proj_size > 0:  # no ONNX LSTM op has a projection; the Scan graph has
             kinds.remove("onnx")
+            kinds.remove("int8")  # quantized from model.onnx
         return kinds
     kinds = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     unknown = [k for k in kinds if k not in ARTIFACTS]
     if unknown or not kinds:
         raise BundleError(
             f"unknown artifacts {unknown or kinds}; choose from {','.join(ARTIFACTS)}"
+        )
+    if "int8" in kinds and "onnx" not in kinds:
+        # model.int8.onnx is model.onnx quantized; the bundle's serving config, its Triton
+        # python models and validate's float rows all read model.onnx beside it.
+        raise BundleError(
+            f"--artifacts int8 needs onnx too: {INT8_ONNX} is {ONNX} quantized "
+            f"(e.g. --artifacts {','.join(dict.fromkeys(['onnx', *kinds]))})"
         )
     return kinds
 
@@ -83,19 +94,24 @@ def export_bundle(
     """Export `model` into the bundle directory `out_dir` and write its manifest.
 
     Args:
-        artifacts: a subset of "torchscript", "onnx", "scan" (a list or a comma-separated string);
-            None for all that the model supports.
+        artifacts: a subset of "torchscript", "onnx", "int8", "scan", "aoti" (a list or a
+            comma-separated string; "int8" needs "onnx"); None for all that the model supports.
+            model.pt2 ("aoti") needs a C++ compiler: without one, the default leaves it out and
+            the manifest's "skipped" says why (see `aoti.reason_to_skip`).
         force: allow writing into a non-empty directory (its previous bundle files are replaced).
         progress: called with a line of text before each step.
 
     Raises:
         BundleError: `out_dir` is not empty (without `force`), or `artifacts` is unknown.
         WeightsError: a weight is NaN or Inf.
-        ExportError: the model cannot be exported as asked (model.onnx with proj_size > 0).
+        ExportError: the model cannot be exported as asked (model.onnx with proj_size > 0,
+            "aoti" named without a C++ compiler).
     """
     out = Path(out_dir)
     kinds = parse_artifacts(artifacts, model)
     check_finite(model)  # before anything is written: NaN weights make NaN artifacts
+    # Also before: named without a C++ compiler, model.pt2 is an error (ExportError).
+    aoti_skip = aoti.reason_to_skip(artifacts is not None) if "aoti" in kinds else None
     _prepare(out, force)
     say = progress or (lambda _: None)
     model = model.cpu().float().eval()
@@ -103,8 +119,18 @@ def export_bundle(
     say(f"writing {WEIGHTS}")
     save_safetensors(model, out / WEIGHTS)
     written: dict[str, Path] = {}
+    skipped: dict[str, str] = {}  # file -> why the export left it out
     for kind in kinds:
         filename = ARTIFACTS[kind]
+        if kind == "int8":
+            continue  # from model.onnx, once it is written (below)
+        if kind == "aoti":
+            if aoti_skip is not None:
+                skipped[AOTI] = aoti_skip
+                say(f"skipping {AOTI}: {aoti_skip}")
+            else:
+                written[AOTI] = aoti.export_aoti(model, out / AOTI, say)
+            continue
         say(f"exporting {filename}")
         if kind == "torchscript":
             written[filename] = export_torchscript(model, out / filename)
@@ -112,6 +138,9 @@ def export_bundle(
             written[filename] = export_onnx(
                 model, out / filename, "lstm" if kind == "onnx" else "scan"
             )
+    if "int8" in kinds:
+        say(f"quantizing {INT8_ONNX}")
+        written[INT8_ONNX] = quantize_onnx(written[ONNX], out / INT8_ONNX)
     sig = lstm_signature(model.config)
     say(f"writing {TRITON_DIR}/")
     configs = triton.write_repository(
@@ -120,6 +149,7 @@ def export_bundle(
         written.get(ONNX),
         written.get(TORCHSCRIPT),
         streamable=not model.bidirectional,
+        int8_model=written.get(INT8_ONNX),
     )
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
@@ -136,6 +166,7 @@ def export_bundle(
         "opset": OPSET,
         "files": {p.relative_to(out).as_posix(): file_entry(p) for p in files},
         "triton": configs,
+        "skipped": skipped,
         "parity": None,
     }
     bundle = Bundle(out, manifest)

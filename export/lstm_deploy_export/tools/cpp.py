@@ -4,7 +4,8 @@
 `run(program, model, inputs)` runs a bundle's model on numpy inputs through the programs' .npy
 files. Where they come from:
 
-- LibTorch: the installed torch wheel's headers, libraries and CMake files.
+- LibTorch: the installed torch wheel's headers, libraries and CMake files (`lstm_torchscript`;
+  `lstm_aoti`, whose AOTIModelPackageLoader is in libtorch_cpu).
 - ONNX Runtime: the installed onnxruntime wheel's `libonnxruntime.so.1.x.y`; the wheel has no
   headers, so they are Debian trixie's `libonnxruntime-dev`, fetched by package name with a
   private, throw-away apt state (nothing is installed), or taken from `$LSTM_DEPLOY_ORT_INCLUDE_DIR`
@@ -31,6 +32,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +54,10 @@ def _source_dir() -> Path:
 SOURCE_DIR = _source_dir()
 TORCHSCRIPT = "lstm_torchscript"
 ONNXRUNTIME = "lstm_onnxruntime"
+AOTI = "lstm_aoti"  # model.pt2 with LibTorch's AOTIModelPackageLoader
 PROGRAMS = {TORCHSCRIPT: "C++ LibTorch", ONNXRUNTIME: "C++ ONNX Runtime"}  # program -> row label
+PROGRAMS[AOTI] = "C++ AOTInductor"
+LIBTORCH_PROGRAMS = (TORCHSCRIPT, AOTI)  # what a missing LibTorch leaves unbuilt
 
 DEBIAN_SUITE = "trixie"  # the first Debian release whose libonnxruntime-dev has the C++ API
 APT_SOURCES = (Path("/etc/apt/sources.list.d"), Path("/etc/apt/sources.list"))
@@ -76,7 +81,7 @@ class CppError(RuntimeError):
 class CppPrograms:
     """The built programs (`paths`) and, for each one not built, the reason (`unavailable`).
 
-    Keys are program names, `lstm_torchscript` and `lstm_onnxruntime` (see `PROGRAMS`).
+    Keys are program names, `lstm_torchscript`, `lstm_onnxruntime`, `lstm_aoti` (see `PROGRAMS`).
     """
 
     paths: dict[str, Path] = field(default_factory=dict)
@@ -93,12 +98,52 @@ class CppPrograms:
     ) -> dict[str, np.ndarray]:
         """Run `program` (a key of `PROGRAMS`) on `model`: model.pt with LibTorch
         (`lstm_torchscript`), model.onnx with the ONNX Runtime C++ API, CPU execution provider
-        (`lstm_onnxruntime`). Inputs and outputs are named as the signature.
+        (`lstm_onnxruntime`), model.pt2 with AOTIModelPackageLoader (`lstm_aoti`). Inputs and
+        outputs are named as the signature.
 
         threads: the program's intra-op threads. One by default: an LSTM step is many small ops,
         and on a busy machine a second thread mostly waits at barriers (seconds at T=300); None
         leaves the library's default.
         """
+        return self._run(program, model, inputs, threads, timeout, [])[0]
+
+    def time(
+        self,
+        program: str,
+        model: Path,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        repeat: int,
+        warmup: int = 1,
+        threads: int | None = 1,
+        timeout: float = 600,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """`run`, then the program's timing mode in the same process: `warmup` untimed and
+        `repeat` timed runs on the inputs loaded once. Returns the outputs (of the first run) and
+        the program's timing line: `times_ms` and `cpu_times_ms` per timed run (wall and process
+        CPU time), their `median_ms`, `min_ms`, `p90_ms`, `max_ms` (wall)."""
+        extra = ["--repeat", str(repeat), "--warmup", str(warmup)]
+        outputs, stdout = self._run(program, model, inputs, threads, timeout, extra)
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        try:
+            timing = json.loads(lines[-1])
+            if len(timing["times_ms"]) != repeat:
+                raise ValueError(f"{len(timing['times_ms'])} times for --repeat {repeat}")
+        except (IndexError, KeyError, TypeError, ValueError) as e:
+            message = f"{program} --repeat printed no timing line ({e!r}): {stdout[-300:]!r}"
+            raise CppError(message) from None
+        return outputs, timing
+
+    def _run(
+        self,
+        program: str,
+        model: Path,
+        inputs: Mapping[str, np.ndarray],
+        threads: int | None,
+        timeout: float,
+        extra: list[str],
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """The outputs of one run of `program` with `extra` arguments, and its stdout."""
         if program not in self.paths:
             reason = self.unavailable.get(program, "not built")
             raise CppError(f"{program} is not available: {reason}")
@@ -116,6 +161,7 @@ class CppPrograms:
             command += ["--inputs", str(in_dir), "--outputs", str(out_dir)]
             if threads is not None:
                 command += ["--threads", str(threads)]
+            command += extra
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -123,7 +169,8 @@ class CppPrograms:
             if done.returncode != 0:
                 message = done.stderr.strip() or done.stdout.strip() or "no message"
                 raise CppError(f"{program} failed (exit {done.returncode}): {message}")
-            return {name: np.load(out_dir / f"{name}.npy") for name in _OUTPUT_NAMES}
+            outputs = {name: np.load(out_dir / f"{name}.npy") for name in _OUTPUT_NAMES}
+            return outputs, done.stdout
 
 
 def default_build_dir() -> Path:
@@ -163,7 +210,7 @@ def _build(root: Path, say: Callable[[str], None]) -> CppPrograms:
     try:
         options.append(f"-DCMAKE_PREFIX_PATH={_torch_cmake_prefix()}")
     except CppError as e:
-        reasons[TORCHSCRIPT] = str(e)
+        reasons.update(dict.fromkeys(LIBTORCH_PROGRAMS, str(e)))
     try:
         options.append(f"-DONNXRUNTIME_LIBRARY={_onnxruntime_library()}")
         options.append(f"-DONNXRUNTIME_INCLUDE_DIR={_onnxruntime_headers(root, say)}")
@@ -193,7 +240,7 @@ def _build(root: Path, say: Callable[[str], None]) -> CppPrograms:
         if program in reasons or skipped.is_file():
             reasons.setdefault(program, skipped.read_text().strip())
             continue
-        first_time = " (tens of seconds the first time)" if program == TORCHSCRIPT else ""
+        first_time = " (tens of seconds the first time)" if program in LIBTORCH_PROGRAMS else ""
         say(f"building {program}, {label}{first_time}")
         command = ["cmake", "--build", str(binary), "--target", program, "-j2"]
         try:
