@@ -181,3 +181,13 @@ def test_the_manifest_reason_must_be_text(aoti_bundle: Path, tmp_path: Path) -> 
     (bad / MANIFEST).write_text(manifest.replace('"skipped": {}', '"skipped": {"model.pt2": 1}'))
     with pytest.raises(BundleError, match="skipped must map each file name to the reason"):
         load_bundle(bad, only=[])
+
+
+def test_an_older_torch_leaves_model_pt2_out_or_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.11's AOTInductor fails on the scan loop (seen on the GPU machine): the default
+    export leaves model.pt2 out with the reason, naming it is an error that says what to do."""
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    reason = aoti.reason_to_skip(requested=False)
+    assert reason is not None and "torch >= 2.13" in reason
+    with pytest.raises(ExportError, match=r"torch >= 2\.13"):
+        aoti.reason_to_skip(requested=True)

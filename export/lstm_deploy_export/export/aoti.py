@@ -203,6 +203,23 @@ def compiler_unavailable() -> str | None:
     return None
 
 
+# The oldest torch whose AOTInductor compiles the scan loop: torch 2.11's fails in its C++ wrapper
+# (`codegen_while_loop`: an AssertionError on the subgraph's inputs), found on the GPU machine.
+MIN_TORCH = (2, 13)
+
+
+def torch_unsupported() -> str | None:
+    """Why this torch cannot compile model.pt2, or None."""
+    found = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if found < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        return (
+            f"{AOTI} needs torch >= {need} (torch {torch.__version__}'s AOTInductor cannot "
+            f"compile its scan loop); pip install 'torch>={need}' to export it"
+        )
+    return None
+
+
 SKIP_ENV = "LSTM_DEPLOY_SKIP_PT2"  # set: default exports leave model.pt2 out (the test suite does)
 
 
@@ -213,9 +230,9 @@ def reason_to_skip(requested: bool) -> str | None:
         requested: model.pt2 was named (`--artifacts ...,aoti`), not only implied by the default.
 
     Raises:
-        ExportError: it was named and there is no C++ compiler.
+        ExportError: it was named and this torch or machine cannot compile it.
     """
-    reason = compiler_unavailable()
+    reason = torch_unsupported() or compiler_unavailable()
     if reason is not None and requested:
         raise ExportError(reason)
     if reason is None and not requested and os.environ.get(SKIP_ENV):

@@ -33,6 +33,7 @@ from lstm_deploy.versions import installed, package_version
 from lstm_deploy.weights import check_finite, load_safetensors, save_safetensors
 from lstm_deploy_export.export import aoti, triton
 from lstm_deploy_export.export.exporters import OPSET, export_onnx, export_torchscript
+from lstm_deploy_export.export.graphs import ExportError
 from lstm_deploy_export.export.quantize import quantize_onnx
 
 __all__ = ["export_bundle", "load_model", "parse_artifacts"]
@@ -129,7 +130,13 @@ def export_bundle(
                 skipped[AOTI] = aoti_skip
                 say(f"skipping {AOTI}: {aoti_skip}")
             else:
-                written[AOTI] = aoti.export_aoti(model, out / AOTI, say)
+                try:
+                    written[AOTI] = aoti.export_aoti(model, out / AOTI, say)
+                except Exception as e:  # Inductor's own failure: the other artifacts still ship
+                    if artifacts is not None:
+                        raise ExportError(f"AOTInductor could not compile {AOTI}: {e!r}") from e
+                    skipped[AOTI] = f"AOTInductor failed: {type(e).__name__}: {e}"[:500]
+                    say(f"skipping {AOTI}: {skipped[AOTI]}")
             continue
         say(f"exporting {filename}")
         if kind == "torchscript":
