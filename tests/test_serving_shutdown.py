@@ -24,8 +24,10 @@ def test_sigterm_during_a_burst_finishes_in_flight_requests(
 ) -> None:
     rng = np.random.default_rng(0)
     xs = [reference.random_input(rng, 1, int(t)) for t in rng.integers(1, 40, BURST)]
-    # A one-second batching window holds the burst in the server's queue when SIGTERM comes.
-    with ServerProcess(onnx_bundle, ["--max-queue-delay-us", "1000000"]) as server:
+    # A one-second batching window holds the burst in the server's queue when SIGTERM comes
+    # (fixed: an adaptive one would run the burst's first request at once, alone).
+    args = ["--max-queue-delay-us", "1000000", "--fixed-window"]
+    with ServerProcess(onnx_bundle, args) as server:
 
         def infer(x: np.ndarray) -> np.ndarray:
             client = http.InferenceServerClient(server.url)
