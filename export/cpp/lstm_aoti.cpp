@@ -18,17 +18,12 @@
 #include <vector>
 
 #include "lstm_cli.hpp"
+#include "lstm_torch.hpp"
 
 namespace {
 
-at::Tensor to_tensor(npy::Array& a, at::ScalarType dtype) {  // no copy
-  return at::from_blob(a.data.data(), a.shape, at::TensorOptions().dtype(dtype));
-}
-
-std::string describe(const std::exception& e) {
-  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
-  return lstm_cli::one_line(c10_error ? c10_error->what_without_backtrace() : e.what());
-}
+using lstm_torch::describe;
+using lstm_torch::to_tensor;
 
 // The package's input shapes (metadata "lstm_deploy.inputs", written by the export:
 // "input:-1,-1,32;lengths:-1;h0:-1,2,64;c0:-1,2,64", -1 for a dynamic axis), in signature order.
@@ -120,14 +115,7 @@ void run(const lstm_cli::Args& args) {
     if (outputs.size() != lstm_cli::kOutputNames.size())
       throw std::runtime_error(args.model + ": run returned " + std::to_string(outputs.size()) +
                                " tensors, expected 3 (output, hn, cn)");
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      const std::string& name = lstm_cli::kOutputNames[i];
-      const at::Tensor t = outputs[i].contiguous();
-      if (t.scalar_type() != at::kFloat)
-        throw std::runtime_error(args.model + ": output " + name + " is " +
-                                 c10::toString(t.scalar_type()) + ", expected float32");
-      lstm_cli::save_output(args.outputs, name, t.sizes().vec(), t.const_data_ptr<float>());
-    }
+    lstm_torch::save_outputs(args, outputs);
   };
   lstm_cli::run_forward(args, forward, write);
 }

@@ -9,26 +9,12 @@
 #include <vector>
 
 #include "lstm_cli.hpp"
+#include "lstm_torch.hpp"
 
 namespace {
 
-torch::Tensor to_tensor(npy::Array& a, torch::Dtype dtype) {  // no copy
-  return torch::from_blob(a.data.data(), a.shape, torch::TensorOptions().dtype(dtype));
-}
-
-// A LibTorch error in one line. A TorchScript interpreter error (torch::jit::JITException, a
-// std::runtime_error) is two tracebacks whose last line is the cause:
-// "builtins.RuntimeError: LSTM: input.size(-1) must be equal to input_size. Expected 5, got 6".
-std::string describe(const std::exception& e) {
-  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
-  std::string m = c10_error ? c10_error->what_without_backtrace() : e.what();
-  while (!m.empty() && m.back() == '\n') m.pop_back();
-  if (m.find("Traceback of TorchScript") != std::string::npos) {
-    m = m.substr(m.rfind('\n') + 1);
-    if (m.rfind("builtins.", 0) == 0) m = m.substr(std::string("builtins.").size());
-  }
-  return lstm_cli::one_line(m);
-}
+using lstm_torch::describe;
+using lstm_torch::to_tensor;
 
 void run(const lstm_cli::Args& args) {
   lstm_cli::Inputs in = lstm_cli::load_inputs(args.inputs);
@@ -64,15 +50,9 @@ void run(const lstm_cli::Args& args) {
       throw std::runtime_error(args.model + ": forward returned " + result.tagKind() +
                                ", expected a tuple (output, hn, cn); is it an lstm-deploy "
                                "model.pt?");
-    const auto& outputs = result.toTupleRef().elements();
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      const std::string& name = lstm_cli::kOutputNames[i];
-      const torch::Tensor t = outputs[i].toTensor().to(torch::kCPU).contiguous();
-      if (t.scalar_type() != torch::kFloat32)
-        throw std::runtime_error(args.model + ": output " + name + " is " +
-                                 c10::toString(t.scalar_type()) + ", expected float32");
-      lstm_cli::save_output(args.outputs, name, t.sizes().vec(), t.const_data_ptr<float>());
-    }
+    std::vector<torch::Tensor> outputs;
+    for (const auto& value : result.toTupleRef().elements()) outputs.push_back(value.toTensor());
+    lstm_torch::save_outputs(args, outputs);
   };
   lstm_cli::run_forward(args, forward, write);
 }
