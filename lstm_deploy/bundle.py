@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -160,6 +161,105 @@ def lstm_signature(config: LSTMConfig) -> Signature:
     )
 
 
+@dataclass(frozen=True)
+class StateSpec:
+    """One LSTM's state as a stream carries it: the inputs it starts from, the outputs it ends in."""
+
+    h0: str
+    c0: str
+    hn: str
+    cn: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"h0": self.h0, "c0": self.c0, "hn": self.hn, "cn": self.cn}
+
+
+LSTM_STATE = StateSpec(H0, C0, HN, CN)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the tools need to know beyond the signature, alike for both kinds of bundle.
+
+    - `lengths`: the input that carries each sequence's length (int64 [batch]), or None: then the
+      model sees every sequence whole, and a server batches only requests of equal shapes;
+    - `ranges`: each integer input's values, [low, high) (token ids: [0, vocabulary size));
+    - `state`: each LSTM's (h, c) as inputs and outputs of the signature, in the model's order;
+    - `streamable`: whether chunks run one after another, carrying `state`, equal one whole run
+      (unidirectional LSTMs and a per-step head); the server's sequences need it.
+    - `whole`: a whole-model bundle (`export_model`, manifest "model") rather than an LSTM bundle.
+    """
+
+    signature: Signature
+    lengths: str | None = None
+    ranges: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    state: tuple[StateSpec, ...] = ()
+    streamable: bool = False
+    whole: bool = False
+
+    @property
+    def state_inputs(self) -> tuple[str, ...]:
+        return tuple(n for s in self.state for n in (s.h0, s.c0))
+
+    @property
+    def state_outputs(self) -> tuple[str, ...]:
+        return tuple(n for s in self.state for n in (s.hn, s.cn))
+
+
+def _model_info(manifest: dict[str, Any]) -> ModelInfo:
+    """The manifest's ModelInfo; BundleError naming the field that does not hold."""
+    sig = Signature.from_json(manifest.get("signature"))
+    if "model" not in manifest:  # an LSTM bundle: the deployed signature of lstm_signature
+        config = LSTMConfig.from_dict(manifest["config"]) if "config" in manifest else None
+        names = set(sig.input_names) | set(sig.output_names)
+        lstm = set(LSTM_INPUTS) | set(LSTM_OUTPUTS)
+        return ModelInfo(
+            sig,
+            lengths=LENGTHS if LENGTHS in names else None,
+            state=(LSTM_STATE,) if lstm <= names else (),
+            streamable=config is not None and not config.bidirectional and lstm <= names,
+        )
+    model = _mapping(manifest["model"], "model")
+    inputs = {t.name: t for t in sig.inputs}
+    outputs = {t.name for t in sig.outputs}
+    lengths = model.get("lengths")
+    if lengths is not None and (
+        lengths not in inputs or inputs[lengths].dtype != "int64" or inputs[lengths].shape != (BATCH,)
+    ):
+        raise BundleError(
+            f"{MANIFEST}: model.lengths is {lengths!r}; it must name an int64 [batch] input"
+        )
+    ranges: dict[str, tuple[int, int]] = {}
+    for name, pair in _mapping(model.get("ranges", {}), "model.ranges").items():
+        if (
+            name not in inputs
+            or not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            or pair[0] >= pair[1]
+        ):
+            raise BundleError(
+                f"{MANIFEST}: model.ranges[{name!r}] must be [low, high) of one of the inputs"
+            )
+        ranges[name] = (pair[0], pair[1])
+    state = []
+    for i, entry in enumerate(model.get("state") or []):
+        entry = _mapping(entry, f"model.state[{i}]")
+        try:
+            spec = StateSpec(*(entry[k] for k in ("h0", "c0", "hn", "cn")))
+        except KeyError as e:
+            raise BundleError(f"{MANIFEST}: model.state[{i}] has no {e}") from None
+        if spec.h0 not in inputs or spec.c0 not in inputs or {spec.hn, spec.cn} - outputs:
+            raise BundleError(
+                f"{MANIFEST}: model.state[{i}] names tensors that the signature does not have"
+            )
+        state.append(spec)
+    streamable = model.get("streamable", False)
+    if not isinstance(streamable, bool) or (streamable and not state):
+        raise BundleError(f"{MANIFEST}: model.streamable must be a bool, and needs model.state")
+    return ModelInfo(sig, lengths, ranges, tuple(state), streamable, whole=True)
+
+
 # -- files ---------------------------------------------------------------------------------
 
 
@@ -230,6 +330,7 @@ def check_manifest(manifest: Any) -> dict[str, Any]:
         raise BundleError(f"{MANIFEST}: skipped must map each file name to the reason (a string)")
     if manifest.get("parity") is not None:
         _mapping(manifest["parity"], "parity")
+    _model_info(manifest)
     return manifest
 
 
@@ -246,6 +347,16 @@ class Bundle:
     @property
     def signature(self) -> Signature:
         return Signature.from_json(self.manifest["signature"])
+
+    @property
+    def info(self) -> ModelInfo:
+        """Which input carries lengths, integer ranges, the state a stream carries (both kinds)."""
+        return _model_info(self.manifest)
+
+    @property
+    def whole(self) -> bool:
+        """A whole-model bundle (`export_model`: a user's module with LSTMs inside)."""
+        return "model" in self.manifest
 
     @property
     def config(self) -> LSTMConfig:
@@ -328,7 +439,6 @@ def load_bundle(path: str | Path, only: Iterable[str] | None = None) -> Bundle:
         raise BundleError(f"{root}: bundle verification failed: " + "; ".join(outside))
     bundle = Bundle(root, manifest)
     bundle.verify(only)
-    return bundle
     return bundle
 
 
