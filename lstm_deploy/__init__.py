@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lstm_deploy.config import LSTMConfig
 
 if TYPE_CHECKING:
+    from lstm_deploy._convert import ConversionError, convert
     from lstm_deploy.model import LSTM, lstm_cell, lstm_layer
     from lstm_deploy.seed import from_seed_tensors, last_valid_output, seed_init_
     from lstm_deploy.weights import (
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "__version__": "lstm_deploy.versions",
     "LSTM": "lstm_deploy.model",
+    "ConversionError": "lstm_deploy._convert",
+    "convert": "lstm_deploy._convert",
     "lstm_cell": "lstm_deploy.model",
     "lstm_layer": "lstm_deploy.model",
     "from_seed_tensors": "lstm_deploy.seed",
@@ -42,11 +45,13 @@ _LAZY = {
 
 __all__ = [
     "LSTM",
+    "ConversionError",
     "LSTMConfig",
     "WeightsError",
     "__version__",
     "check_finite",
     "config_from_state_dict",
+    "convert",
     "from_seed_tensors",
     "last_valid_output",
     "load_checkpoint",
