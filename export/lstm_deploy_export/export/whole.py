@@ -1,0 +1,362 @@
+"""Whole-model bundles: a user's module with LSTMs inside (Embedding -> LSTM -> Linear, ...).
+
+`export_model` writes the same bundle as an LSTM's, with the model's own signature: every
+`torch.nn.LSTM` is converted (`lstm_deploy.convert`), then each `lstm_deploy.LSTM` in the tree is
+replaced, in a copy, by a `Tap` around the deployed form of the artifact being written:
+
+- model.onnx: `NativeOnnxLSTM` (native ONNX `LSTM` ops, exact at variable lengths everywhere);
+- model.scan.onnx: `ScanOnnxLSTM` (the cell inside a `Scan`);
+- model.pt: the module itself, scripted; where its code does not script, or where the model is
+  streamable, traced around each LSTM scripted (`DeployLSTM`), so that the loop over time stays
+  a loop and the sequence length stays free.
+
+A Tap keeps the LSTM's interface (input, hx, lengths; batch first or not; unbatched) and, for a
+streamable model, takes its initial state from and gives its final state to extra inputs and
+outputs of the signature (`<lstm>.h0`, `<lstm>.c0` in; `<lstm>.hn`, `<lstm>.cn` out; batch first).
+The graphs are captured once with `torch.export` (dynamic batch and sequence), so that an error
+names the submodule that was running when the capture failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lstm_deploy import convert
+from lstm_deploy.bundle import (
+    AOTI,
+    BATCH,
+    FORMAT_VERSION,
+    INT8_ONNX,
+    MANIFEST,
+    ONNX,
+    SCAN_ONNX,
+    TORCHSCRIPT,
+    TRITON_DIR,
+    WEIGHTS,
+    Bundle,
+    BundleError,
+    ModelInfo,
+    Signature,
+    TensorSpec,
+    file_entry,
+)
+from lstm_deploy.versions import installed, package_version
+from lstm_deploy.weights import check_finite
+from lstm_deploy_export.export import triton
+from lstm_deploy_export.export.exporters import (
+    OPSET,
+)
+from lstm_deploy_export.export.graphs import DeployLSTM, ExportError
+from lstm_deploy_export.export.plan import (
+    CAPTURE,
+    DTYPES,
+    check_streamable,
+    make_plan,
+    other_axis_sizes,
+    output_axes,
+    output_axes_by_index,
+    state_names,
+    state_specs,
+    torch_dtype_name,
+)
+from lstm_deploy_export.export.quantize import quantize_onnx
+from lstm_deploy_export.export.taps import (
+    Flat,
+    Tap,
+    _lstms,
+    _running,
+    _where,
+    _why,
+    tapped,
+    write_onnx,
+    write_torchscript,
+)
+from lstm_deploy_export.export.writer import _prepare, parse_artifacts
+
+__all__ = ["Tap", "export_model", "load_factory", "load_whole_model"]
+
+# Recurrent modules that lstm_deploy does not export (nn.LSTM is converted before this is asked).
+UNSUPPORTED = (nn.RNNBase, nn.RNNCellBase)
+
+# -- what the model is -----------------------------------------------------------------------
+
+
+def _refuse_unsupported(model: nn.Module) -> None:
+    found = [(p, m) for p, m in model.named_modules() if isinstance(m, UNSUPPORTED)]
+    if found:
+        path, module = found[0]
+        raise ExportError(
+            f"cannot export '{path or '<model>'}': {type(module).__module__}."
+            f"{type(module).__qualname__} is a recurrent type that lstm-deploy does not export "
+            "(it exports LSTMs: torch.nn.LSTM or lstm_deploy.LSTM); replace it with an LSTM"
+        )
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def export_model(
+    model: nn.Module,
+    example_inputs: Mapping[str, Tensor],
+    out: str | Path,
+    *,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    output_names: Sequence[str] | None = None,
+    lengths: str | None = None,
+    input_ranges: Mapping[str, tuple[int, int]] | None = None,
+    streamable: bool = False,
+    artifacts: str | Iterable[str] | None = None,
+    factory: str | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Bundle:
+    """Write a bundle for `model`, any module whose recurrent parts are LSTMs.
+
+    Every torch.nn.LSTM inside is converted to lstm_deploy.LSTM first (`lstm_deploy.convert`, on
+    a copy); `model` itself is left as it is.
+
+    Args:
+        example_inputs: the inputs by name, in the order of forward's parameters; their dtypes,
+            ranks and fixed sizes are the signature's (floats become float32).
+        dynamic_axes: input name -> {axis: name}, as torch.onnx.export's; the default makes
+            axis 0 "batch" and, for inputs of rank >= 2, axis 1 "sequence". Output axes (by
+            output index or name) may be named too; the others take the name of the input axis
+            they follow (found by running the model at two sizes).
+        output_names: the outputs' names, after flattening tuples (default output0, output1...).
+        lengths: the input that carries each sequence's length (int64 [batch]); an input named
+            "lengths" of rank 1 is taken as it by default.
+        input_ranges: name -> (low, high): the values of each integer input (token ids), which
+            validate draws from and the server checks. Required for integer inputs.
+        streamable: serve the model in chunks (sequences), carrying each LSTM's (h, c): checked
+            here (unidirectional LSTMs; chunks carried through must equal one whole run).
+        artifacts: "torchscript", "onnx", "int8", "scan" (default: all that the model supports).
+        factory: "package.module:function" that returns the model (recorded for validate).
+
+    Raises:
+        ExportError: the model cannot be exported (naming the submodule and the reason).
+        BundleError: `out` is not empty (without `force`) or `artifacts` is unknown.
+        WeightsError: a weight is NaN or Inf.
+    """
+    say = progress or (lambda _: None)
+    original = model
+    model = convert(model).cpu().float().eval()
+    _refuse_unsupported(model)
+    lstms = _lstms(model)
+    if not lstms:
+        raise ExportError(
+            f"{type(original).__qualname__} holds no LSTM; export_model exports models with "
+            "LSTMs (torch.nn.LSTM or lstm_deploy.LSTM) inside"
+        )
+    check_finite(model)
+    plan = make_plan(model, example_inputs, dynamic_axes, lengths, input_ranges)
+    projected = any(m.proj_size > 0 for _, m in lstms)
+    kinds = _kinds(artifacts, projected)
+    state = state_specs(lstms, streamable)
+
+    # The signature: inputs from the plan, outputs from running the model (eager) at two sizes.
+    eager, taps = tapped(model, lambda m: DeployLSTM(m).eval())
+    flat = Flat(eager, taps, len(plan.names), stateful=bool(state)).eval()
+    n_user = len(plan.names)
+    in_specs = [
+        TensorSpec(n, DTYPES[plan.dtypes[n]],
+                   tuple(plan.axes[n].get(i, d) for i, d in enumerate(plan.shapes[n])))
+        for n in plan.names
+    ]  # fmt: skip
+    for s, (_, m) in zip(state, lstms):
+        d = m.num_layers * (2 if m.bidirectional else 1)
+        h_out = m.proj_size or m.hidden_size
+        in_specs += [TensorSpec(s.h0, "float32", (BATCH, d, h_out)),
+                     TensorSpec(s.c0, "float32", (BATCH, d, m.hidden_size))]  # fmt: skip
+    plan_all = dataclasses.replace(
+        plan,
+        names=[t.name for t in in_specs],
+        dtypes={**plan.dtypes, **{n: torch.float32 for n in state_names(state, "in")}},
+        shapes={
+            **plan.shapes,
+            **{
+                t.name: tuple(1 if isinstance(x, str) else x for x in t.shape)
+                for t in in_specs[n_user:]
+            },
+        },
+        axes={**plan.axes, **{t.name: {0: BATCH} for t in in_specs[n_user:]}},
+    )
+    with _running(flat) as stack, torch.no_grad():
+        try:
+            results = flat(*plan_all.inputs(plan_all.sizes(CAPTURE)))
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"the model fails on its example inputs in {_where(flat, stack)}: "
+                              f"{_why(e)}") from e  # fmt: skip
+    n_model = len(results) - 2 * len(state)
+    names = (
+        list(output_names) if output_names is not None else [f"output{i}" for i in range(n_model)]
+    )
+    if len(names) != n_model:
+        raise ExportError(
+            f"output_names has {len(names)} names; the model returns {n_model} tensors"
+        )
+    names += state_names(state, "out")
+    named_axes = output_axes_by_index(dynamic_axes, names)
+    shapes = output_axes(flat, plan_all, len(results), named_axes)
+    out_specs = [TensorSpec(n, torch_dtype_name(t), s) for n, t, s in zip(names, results, shapes)]
+    sig = Signature(tuple(in_specs), tuple(out_specs))
+    Signature.from_json(sig.to_json())  # names unique, dtypes known
+    if state:
+        check_streamable(flat, plan_all, sig)
+
+    out_dir = Path(out)
+    _prepare(out_dir, force)
+    say(f"writing {WEIGHTS}")
+    _save_weights(model, out_dir / WEIGHTS)
+    args = plan_all.inputs(plan_all.sizes(CAPTURE))
+    axes = [plan_all.axes[n] for n in plan_all.names]
+    written: dict[str, Path] = {}
+    how = ""
+    for kind in kinds:
+        if kind == "int8":
+            continue
+        filename = {"torchscript": TORCHSCRIPT, "onnx": ONNX, "scan": SCAN_ONNX}[kind]
+        say(f"exporting {filename}")
+        if kind == "torchscript":
+            written[filename], how = write_torchscript(
+                model, n_user, bool(state), args, out_dir / filename
+            )
+            say(f"  {filename}: {how}")
+            continue
+        written[filename] = write_onnx(
+            model, bool(state), args, sig, axes, out_dir / filename,
+            "lstm" if kind == "onnx" else "scan",
+        )  # fmt: skip
+    if "int8" in kinds:
+        say(f"quantizing {INT8_ONNX}")
+        written[INT8_ONNX] = quantize_onnx(written[ONNX], out_dir / INT8_ONNX)
+    model_entry = {
+        "class": f"{type(original).__module__}.{type(original).__qualname__}",
+        "factory": factory,
+        "lengths": plan.lengths,
+        "ranges": {k: list(v) for k, v in plan.ranges.items()},
+        "streamable": bool(state),
+        "state": [s.to_json() for s in state],
+        "lstms": {path: m.config.to_dict() for path, m in lstms},
+        "axes": other_axis_sizes(plan),
+        "torchscript": how or None,
+    }
+    info = ModelInfo(
+        sig, plan.lengths, plan.ranges, tuple(state), streamable=bool(state), whole=True
+    )
+    say(f"writing {TRITON_DIR}/")
+    configs = triton.write_repository(
+        out_dir / TRITON_DIR,
+        info,
+        written.get(ONNX),
+        written.get(TORCHSCRIPT),
+        int8_model=written.get(INT8_ONNX),
+    )
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "versions": {
+            "lstm_deploy": package_version(),
+            "python": sys.version.split()[0],
+            "torch": installed("torch"),
+            "onnx": installed("onnx"),
+            "onnxruntime": installed("onnxruntime"),
+        },
+        "model": model_entry,
+        "signature": sig.to_json(),
+        "opset": OPSET,
+        "files": {p.relative_to(out_dir).as_posix(): file_entry(p) for p in files},
+        "triton": configs,
+        "skipped": {AOTI: "model.pt2 is written for LSTM bundles only (lstm-deploy export)"},
+        "parity": None,
+    }
+    bundle = Bundle(out_dir, manifest)
+    bundle.write_manifest()
+    return bundle
+
+
+def _kinds(artifacts: str | Iterable[str] | None, projected: bool) -> list[str]:
+    if artifacts is None:
+        kinds = ["torchscript", "onnx", "int8", "scan"]
+        if projected:  # the ONNX LSTM op has no projection; the Scan graph has
+            kinds = ["torchscript", "scan"]
+        return kinds
+
+    class _Cfg:  # parse_artifacts asks the model for proj_size only when artifacts is None
+        proj_size = 0
+
+    kinds = parse_artifacts(artifacts, _Cfg())  # type: ignore[arg-type]
+    if "aoti" in kinds:
+        raise ExportError(f"{AOTI} is written for LSTM bundles only; leave aoti out of artifacts")
+    if projected and ("onnx" in kinds or "int8" in kinds):
+        raise ExportError(
+            "model.onnx cannot express an LSTM with proj_size > 0 (the ONNX LSTM op has no "
+            "projection): export model.scan.onnx instead (artifacts torchscript,scan)"
+        )
+    return kinds
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(path), metadata={"lstm_deploy.model": type(model).__qualname__})
+
+
+# -- reading a whole-model bundle back --------------------------------------------------------
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """The function named by "package.module:function" (or a class: called with no arguments)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ExportError(f"--module {spec!r}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ExportError(
+            f"--module {spec!r}: cannot import {module_name} ({e}); run from the directory that "
+            "holds it, or install its package"
+        ) from None
+    try:
+        target = module
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise ExportError(f"--module {spec!r}: {module_name} has no {attr}") from None
+    if not callable(target):
+        raise ExportError(f"--module {spec!r}: {attr} is not callable")
+    return target
+
+
+def load_whole_model(bundle: Bundle, module: str | nn.Module | None = None) -> nn.Module:
+    """The bundle's model as the user wrote it (unconverted), with the bundle's weights.
+
+    `module`: the model itself, or "package.module:function" that makes it; default the
+    factory the manifest records.
+    """
+    from safetensors.torch import load_model
+
+    spec = module if module is not None else bundle.manifest["model"].get("factory")
+    if spec is None:
+        raise BundleError(
+            f"{bundle.path}: the manifest records no factory of the model (it was exported from "
+            "Python); pass the model (validate(..., model=...)) or --module package.module:function"
+        )
+    model = load_factory(spec)() if isinstance(spec, str) else copy.deepcopy(spec)
+    try:
+        load_model(model, str(bundle.file(WEIGHTS)), strict=True)
+    except RuntimeError as e:
+        raise BundleError(
+            f"{bundle.path}: {WEIGHTS} does not fit {type(model).__qualname__}: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+    return model.eval()
