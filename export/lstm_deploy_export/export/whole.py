@@ -22,9 +22,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,7 +72,6 @@ from lstm_deploy_export.export.plan import (
 from lstm_deploy_export.export.quantize import quantize_onnx
 from lstm_deploy_export.export.taps import (
     Flat,
-    Tap,
     _lstms,
     _running,
     _where,
@@ -81,7 +82,7 @@ from lstm_deploy_export.export.taps import (
 )
 from lstm_deploy_export.export.writer import _prepare, parse_artifacts
 
-__all__ = ["Tap", "export_model", "load_factory", "load_whole_model"]
+__all__ = ["export_model", "load_factory", "load_state_dict", "load_whole_model"]
 
 # Recurrent modules that lstm_deploy does not export (nn.LSTM is converted before this is asked).
 UNSUPPORTED = (nn.RNNBase, nn.RNNCellBase)
@@ -317,6 +318,8 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 def load_factory(spec: str) -> Callable[[], nn.Module]:
     """The function named by "package.module:function" (or a class: called with no arguments)."""
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:  # as `python -m` does: the user's package beside them
+        sys.path.insert(0, os.getcwd())
     if not module_name or not attr:
         raise ExportError(f"--module {spec!r}: expected package.module:function")
     try:
@@ -335,6 +338,30 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     if not callable(target):
         raise ExportError(f"--module {spec!r}: {attr} is not callable")
     return target
+
+
+def load_state_dict(model: nn.Module, path: Path) -> None:
+    """Load a state_dict file (safetensors; or torch.save, read weights_only) into `model`."""
+    from safetensors.torch import load_file
+
+    state: Any
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+    except Exception as e:
+        raise BundleError(f"{path}: cannot read a state_dict ({type(e).__name__}: {e})") from None
+    if not isinstance(state, Mapping):
+        raise BundleError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleError(
+            f"{path} does not fit {type(model).__qualname__}: {' '.join(str(e).split())[:400]}"
+        ) from None
 
 
 def load_whole_model(bundle: Bundle, module: str | nn.Module | None = None) -> nn.Module:
