@@ -175,33 +175,40 @@ def parse_example(text: str) -> tuple[str, tuple[int, ...], str, tuple[int, int]
 
 
 def _run_module(args: argparse.Namespace) -> int:
+    import inspect
+
     import torch
 
     from lstm_deploy.weights import WeightsError
     from lstm_deploy_export.export.graphs import ExportError
     from lstm_deploy_export.export.whole import export_model, load_factory, load_state_dict
 
-    if not args.example:
-        raise UsageError(
-            "--module needs an --example for each input of forward, e.g. "
-            "--example tokens=1x16:int64:0:5000 --example lengths=1:int64"
-        )
-    examples, ranges = {}, {}
-    for text in args.example:
-        name, shape, dtype, bounds = parse_example(text)
-        if name in examples:
-            raise UsageError(f"--example {name} is given twice")
-        examples[name] = torch.zeros(shape, dtype=getattr(torch, dtype))
-        if bounds is not None:
-            ranges[name] = bounds
     try:
-        model = load_factory(args.module)()
+        factory = load_factory(args.module)
+        try:
+            model = factory()
+        except Exception as e:  # the user's own code: its error, in one line
+            raise UsageError(f"--module {args.module}: it raised {type(e).__name__}: {e}") from e
         if not isinstance(model, torch.nn.Module):
             raise UsageError(
                 f"--module {args.module}: returned a {type(model).__name__}, not an nn.Module"
             )
         if args.weights is not None:
             load_state_dict(model, args.weights)
+        if not args.example:
+            params = list(inspect.signature(model.forward).parameters)
+            raise UsageError(
+                f"--module needs an --example for each input of forward({', '.join(params)}), "
+                "e.g. --example tokens=1x16:int64:0:5000 --example lengths=1:int64"
+            )
+        examples, ranges = {}, {}
+        for text in args.example:
+            name, shape, dtype, bounds = parse_example(text)
+            if name in examples:
+                raise UsageError(f"--example {name} is given twice")
+            examples[name] = torch.zeros(shape, dtype=getattr(torch, dtype))
+            if bounds is not None:
+                ranges[name] = bounds
         print(f"model: {type(model).__qualname__} from {args.module}", file=sys.stderr)
         bundle = export_model(
             model,
