@@ -5,9 +5,9 @@ The design, in the order a reader meets it:
 - One scratch directory (a pytest tmp dir) stands for the reader's checkout. The blocks run there
   top to bottom, so the `bundle/` that "Export" writes is the one "Serving" serves. It holds
   symlinks to the repository parts that README's commands name from the repository root
-  (`REPO_LINKS`: `export/` for `cmake -S export/cpp`, `scripts/`, the Triton venv); whatever a
-  block writes (bundle/, build/, in/, out-*) stays in the scratch directory, and the last test
-  checks that none of it appeared in the repository.
+  (`REPO_LINKS`: `export/` for `cmake -S export/cpp`, `scripts/`, `examples/`, the Triton venv);
+  whatever a block writes (bundle/, build/, in/, out-*) stays in the scratch directory, and the
+  last test checks that none of it appeared in the repository.
 - Each block runs as `bash -e -o pipefail -c CODE` (```bash, ```sh) or `python -c CODE`
   (```python) in a process group of its own, with the venv running pytest first on PATH, under a
   timeout; the group is killed afterwards. Error messages give README.md's line numbers. A
@@ -37,7 +37,7 @@ from readme_blocks import Block, BlockFailed, Session, read_blocks
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # What README's commands name relative to the repository root, linked into the scratch directory.
-REPO_LINKS = ("export", "scripts", ".venv-triton")
+REPO_LINKS = ("export", "scripts", "examples", ".venv-triton")
 BLOCKS = read_blocks(README)
 # Set in every block's environment: README's `python -m pytest`, run inside a block, must not run
 # README's blocks again inside itself.
