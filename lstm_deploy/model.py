@@ -23,13 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lstm_deploy._checks import (
-    check_config,
-    check_input,
-    check_lengths,
-    check_state,
-    check_steps,
-)
+from lstm_deploy._checks import check_config, check_input, check_lengths, check_state, check_steps
 from lstm_deploy._fast import (
     Ready,
     input_projection,
@@ -358,6 +352,9 @@ class LSTM(nn.Module):
         lstm = nn.LSTM(**self.config.to_dict(), device=p.device, dtype=p.dtype)
         lstm.load_state_dict(self.state_dict())
         return lstm
+
+    def flatten_parameters(self) -> None:  # nn.LSTM's, for code that calls it: nothing to do
+        pass
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

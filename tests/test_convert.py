@@ -361,3 +361,20 @@ def test_nothing_to_convert_warns_and_still_copies() -> None:
 def test_docstring_example_runs() -> None:
     result = doctest.testmod(lstm_deploy._convert)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_code_that_calls_flatten_parameters_runs_and_scripts() -> None:
+    class Flattening(nn.Module):  # common in models trained on cuDNN
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.lstm.flatten_parameters()
+            return self.lstm(x)[0]
+
+    original = Flattening()
+    converted = convert(original)
+    x = torch.randn(2, 5, 3)
+    torch.testing.assert_close(converted(x), original(x))
+    torch.testing.assert_close(torch.jit.script(converted)(x), original(x))
