@@ -30,6 +30,7 @@ PACKAGES = {
 TORCH_FREE = {
     "lstm_deploy",
     "lstm_deploy.bundle",
+    "lstm_deploy.signature",
     "lstm_deploy.config",
     "lstm_deploy.versions",
     "lstm_deploy.cli_common",

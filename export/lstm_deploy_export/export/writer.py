@@ -26,6 +26,7 @@ from lstm_deploy.bundle import (
     Bundle,
     BundleError,
     file_entry,
+    lstm_info,
     lstm_signature,
 )
 from lstm_deploy.model import LSTM
@@ -152,10 +153,9 @@ def export_bundle(
     say(f"writing {TRITON_DIR}/")
     configs = triton.write_repository(
         out / TRITON_DIR,
-        sig,
+        lstm_info(model.config),
         written.get(ONNX),
         written.get(TORCHSCRIPT),
-        streamable=not model.bidirectional,
         int8_model=written.get(INT8_ONNX),
     )
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
