@@ -134,3 +134,29 @@ def perf_analyzer_exe() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return exe
+
+
+def triton_python() -> Path:
+    """The Python of the Triton venv (scripts/setup_triton_venv.sh's .venv-triton, or
+    $LSTM_DEPLOY_TRITON_PYTHON); without it a skip saying how to create it, and a failure on CI
+    (CI=true), which installs it. Where the platform cannot run Triton's wheel: a skip."""
+    import os
+
+    import pytest
+    from lstm_deploy_export.tools.triton_env import ENV_PYTHON, TritonSetupError, check_platform
+
+    try:
+        check_platform()
+    except TritonSetupError as e:
+        pytest.skip(str(e))
+    root = Path(__file__).resolve().parents[1]
+    python = Path(os.environ.get(ENV_PYTHON) or root / ".venv-triton" / "bin" / "python")
+    if not python.is_file():
+        message = (
+            f"no Triton venv at {python}: run scripts/setup_triton_venv.sh "
+            f"(or set {ENV_PYTHON} to the Python of an environment with lstm-deploy[triton])"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python

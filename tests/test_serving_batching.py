@@ -13,13 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lstm_deploy_serving.batching import fill_defaults, pad_and_merge, split
 from lstm_deploy_serving.errors import ServerFault, Unavailable
+from lstm_deploy_serving.model_spec import layout_of
 from lstm_deploy_serving.scheduler import DynamicBatcher
 from serving_support import Reference, metrics, running_server
 
+from lstm_deploy.bundle import Bundle, lstm_signature
+from lstm_deploy.config import LSTMConfig
+
 ATOL = 1e-5
-STATES = {"h0": (2, 16), "c0": (2, 16)}
+# The layout of the test bundle's LSTM (8 -> 16, two layers), as its manifest gives it.
+CONFIG = LSTMConfig(8, 16, num_layers=2, batch_first=True)
+LAYOUT = layout_of(
+    Bundle(Path(), {"config": CONFIG.to_dict(), "signature": lstm_signature(CONFIG).to_json()}).info
+)
 
 
 def _request(
@@ -30,11 +37,11 @@ def _request(
     inputs = {"input": x, "lengths": lengths.astype(np.int64)}
     if rng.random() < 0.5:  # some requests bring their own initial state
         inputs["h0"] = rng.standard_normal((batch, 2, 16), dtype=np.float32)
-    return fill_defaults(inputs, STATES)
+    return LAYOUT.fill_defaults(inputs)
 
 
 def test_fill_defaults() -> None:
-    filled = fill_defaults({"input": np.ones((3, 5, 8), np.float32)}, STATES)
+    filled = LAYOUT.fill_defaults({"input": np.ones((3, 5, 8), np.float32)})
     np.testing.assert_array_equal(filled["lengths"], [5, 5, 5])
     assert filled["lengths"].dtype == np.int64
     assert filled["h0"].shape == (3, 2, 16) and not filled["h0"].any()
@@ -44,7 +51,7 @@ def test_fill_defaults() -> None:
 def test_pad_and_merge_layout() -> None:
     rng = np.random.default_rng(0)
     requests = [_request(rng, 2, 3), _request(rng, 1, 7), _request(rng, 3, 1)]
-    merged, plan = pad_and_merge(requests)
+    merged, plan = LAYOUT.merge(requests)
     assert plan.rows == ((0, 2), (2, 3), (3, 6)) and plan.steps == (3, 7, 1)
     assert merged["input"].shape == (6, 7, 8)
     assert merged["h0"].shape == (6, 2, 16) and merged["lengths"].shape == (6,)
@@ -53,14 +60,14 @@ def test_pad_and_merge_layout() -> None:
     np.testing.assert_array_equal(merged["lengths"][3:], requests[2]["lengths"])
     # split cuts the time axis of `output` back to each request's steps
     outputs = {"output": np.arange(6 * 7).reshape(6, 7, 1), "hn": np.arange(6)[:, None]}
-    parts = split(outputs, plan)
+    parts = LAYOUT.split(outputs, plan)
     assert [p["output"].shape for p in parts] == [(2, 3, 1), (1, 7, 1), (3, 1, 1)]
     np.testing.assert_array_equal(parts[2]["hn"][:, 0], [3, 4, 5])
 
 
 def test_single_request_is_not_copied() -> None:
     request = _request(np.random.default_rng(1), 2, 4)
-    merged, plan = pad_and_merge([request])
+    merged, plan = LAYOUT.merge([request])
     assert all(merged[k] is request[k] for k in request)
     assert plan.batch_size == 2
 
@@ -69,9 +76,9 @@ def test_merged_run_equals_separate_runs(reference: Reference) -> None:
     """The core as a Triton python backend would use it: one ORT run for many requests."""
     rng = np.random.default_rng(2)
     requests = [_request(rng, int(rng.integers(1, 4)), int(rng.integers(1, 40))) for _ in range(12)]
-    merged, plan = pad_and_merge(requests)
+    merged, plan = LAYOUT.merge(requests)
     outputs = reference.run(merged["input"], merged["lengths"], merged["h0"], merged["c0"])
-    for request, got in zip(requests, split(outputs, plan), strict=True):
+    for request, got in zip(requests, LAYOUT.split(outputs, plan), strict=True):
         alone = reference.run(request["input"], request["lengths"], request["h0"], request["c0"])
         for name in ("output", "hn", "cn"):
             assert got[name].shape == alone[name].shape
@@ -101,14 +108,14 @@ class _Recorder:
 
 def _item(steps: int, batch: int = 1) -> dict[str, np.ndarray]:
     x = np.full((batch, steps, 8), float(steps), np.float32)
-    return fill_defaults({"input": x}, STATES)
+    return LAYOUT.fill_defaults({"input": x})
 
 
 def test_batcher_merges_within_max_batch_size() -> None:
     model = _Recorder()
 
     async def main() -> list[dict[str, np.ndarray]]:
-        batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay_s=0.05)
+        batcher = DynamicBatcher(model, LAYOUT, max_batch_size=8, max_queue_delay_s=0.05)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(_item(t % 5 + 1)) for t in range(20)))
         await batcher.stop()
@@ -135,7 +142,7 @@ def test_a_lone_client_pays_no_window(adaptive: bool) -> None:
 
     async def main() -> tuple[float, float]:
         batcher = DynamicBatcher(
-            model, max_batch_size=8, max_queue_delay_s=window, adaptive=adaptive
+            model, LAYOUT, max_batch_size=8, max_queue_delay_s=window, adaptive=adaptive
         )
         batcher.start()
         alone = await one(batcher)
@@ -153,7 +160,9 @@ def test_batcher_without_dynamic_batching_runs_each_alone() -> None:
     model = _Recorder()
 
     async def main() -> None:
-        batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay_s=0.05, dynamic=False)
+        batcher = DynamicBatcher(
+            model, LAYOUT, max_batch_size=8, max_queue_delay_s=0.05, dynamic=False
+        )
         batcher.start()
         await asyncio.gather(*(batcher.submit(_item(3, batch=2)) for _ in range(5)))
         await batcher.stop()
@@ -166,7 +175,9 @@ def test_batcher_queue_full_timeout_and_fault() -> None:
     model = _Recorder(block=True, fail_first=True)
 
     async def main() -> None:
-        batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay_s=0, max_queue_size=2)
+        batcher = DynamicBatcher(
+            model, LAYOUT, max_batch_size=1, max_queue_delay_s=0, max_queue_size=2
+        )
         batcher.start()
         running = asyncio.ensure_future(batcher.submit(_item(1)))
         while not model.entered.is_set():  # the first request is in the model, blocked
@@ -193,7 +204,7 @@ def test_stop_runs_what_is_queued() -> None:
     model = _Recorder()
 
     async def main() -> int:
-        batcher = DynamicBatcher(model, max_batch_size=4, max_queue_delay_s=10.0)
+        batcher = DynamicBatcher(model, LAYOUT, max_batch_size=4, max_queue_delay_s=10.0)
         batcher.start()
         pending = [asyncio.ensure_future(batcher.submit(_item(2))) for _ in range(3)]
         await asyncio.sleep(0.01)  # queued, waiting for the (long) batching window

@@ -13,19 +13,11 @@ from lstm_deploy import versions
 
 # numpy only below: the Triton python-backend model.py imports this package from a copy of
 # its numpy-only modules (batching, errors, sequences), without uvicorn or onnxruntime.
-from .batching import MergePlan, fill_defaults, pad_and_merge, split
+from .batching import Layout, MergePlan
 from .errors import ServingError
 from .sequences import SequenceStore
 
-__all__ = [
-    "MergePlan",
-    "SequenceStore",
-    "ServingError",
-    "__version__",
-    "fill_defaults",
-    "pad_and_merge",
-    "split",
-]
+__all__ = ["Layout", "MergePlan", "SequenceStore", "ServingError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -150,7 +150,7 @@ async def _measure_async(url: str, spec: LoadSpec, label: str) -> list[LevelResu
         if not ready:
             raise LoadtestError(f"model '{spec.model_name}' is not ready at {url}")
         metadata = await client.get_model_metadata(spec.model_name)
-        feature = next(t["shape"][2] for t in metadata["inputs"] if t["name"] == INPUT)
+        feature = _input_size(metadata, spec.model_name)
         rng = np.random.default_rng(spec.seed)
 
         def sample(n: int) -> list[np.ndarray]:
@@ -213,8 +213,21 @@ def _model_info(url: str, spec: LoadSpec) -> tuple[int, dict[str, Any]]:
     finally:
         client.close()
     config = config.get("config", config)  # gRPC wraps it
-    feature = next(t["shape"][2] for t in metadata["inputs"] if t["name"] == INPUT)
-    return int(feature), config
+    return _input_size(metadata, spec.model_name), config
+
+
+def _input_size(metadata: dict[str, Any], model: str) -> int:
+    """The feature size of an LSTM's ``input`` (FP32 [batch, sequence, features]), from the
+    model's metadata; LoadtestError for any other model (a whole-model bundle's, say)."""
+    shapes = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in metadata["inputs"]}
+    datatype, shape = shapes.get(INPUT, ("", []))
+    if datatype != "FP32" or len(shape) != 3 or shape[2] < 1:
+        raise LoadtestError(
+            f"loadtest drives LSTM models (input '{INPUT}' FP32 [batch, sequence, features]); "
+            f"model '{model}' takes {', '.join(shapes)}: load it with perf_analyzer and your "
+            "own --input-data"
+        )
+    return shape[2]
 
 
 def _measure_perf_analyzer(url: str, spec: LoadSpec, label: str) -> list[LevelResult]:

@@ -1,25 +1,29 @@
 """What the server serves, from a bundle read through the contract (`lstm_deploy.bundle`).
 
-Everything the server knows about the model comes from the manifest: the deployed signature
-(names, dtypes, shapes with named dynamic axes), and the Triton config of ``lstm_python``, the
-bundle's Triton model that this server is to a client: the same ``model.onnx`` on ONNX Runtime,
-batched by the same code (``batching.py``: requests of different lengths merged), with the same
-optional inputs (``lengths``, ``h0``, ``c0``). Its ``max_batch_size`` and
+Everything the server knows about the model comes from the manifest, alike for an LSTM bundle and
+a whole-model bundle (``export_model``): the signature (names, dtypes, shapes with named dynamic
+axes) and the ``ModelInfo`` beside it (which input carries lengths, integer inputs' ranges, the
+LSTM states a stream carries, whether it may be streamed), which the batching core reads as a
+``Layout``; and the Triton config of ``lstm_python``, the bundle's Triton model that this server
+is to a client: the same ``model.onnx`` on ONNX Runtime, batched by the same code
+(``batching.py``), with the same optional inputs (lengths and states). Its ``max_batch_size`` and
 ``dynamic_batching.max_queue_delay_microseconds`` are the server's defaults, ``GET .../config``
 serves it, and the model metadata is derived from it by Triton's own rules (``metadata``), so
-both read as Triton reads the same config: ``lengths``, declared as dims ``[1]``, is ``[-1, 1]``.
-``load`` verifies the graph it serves (``model.onnx``, or ``model.int8.onnx``: ``serve --artifact``)
-against its sha256 and size before anything loads it; the bundle's other artifacts are not read.
+both read as Triton reads the same config: a [batch] input such as ``lengths``, declared as dims
+``[1]``, is ``[-1, 1]``. ``load`` verifies the graph it serves (``model.onnx``, or
+``model.int8.onnx``: ``serve --artifact``) against its sha256 and size before anything loads
+it; the bundle's other artifacts are not read.
 
 The manifest is not itself checksummed (it holds the checksums), so an edited signature passes
-``load``; ``read_spec`` checks it against the manifest's own LSTM config, and ``check_graph``
-against the graph ONNX Runtime loaded, so that the server refuses to start rather than answer
-every request with ONNX Runtime's error.
+``load``; ``read_spec`` checks an LSTM bundle's against the manifest's own LSTM config, and
+``check_graph`` every signature against the graph ONNX Runtime loaded, so that the server refuses
+to start rather than answer every request with ONNX Runtime's error.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,35 +31,52 @@ from typing import Any, Protocol
 
 from lstm_deploy.bundle import (
     ARTIFACTS,
+    BATCH,
     INT8_ONNX,
-    LSTM_INPUTS,
-    LSTM_OUTPUTS,
     MANIFEST,
     ONNX,
     Bundle,
     BundleError,
+    ModelInfo,
     Signature,
     TensorSpec,
     load_bundle,
     lstm_signature,
 )
 
+from .batching import Layout
+
 TRITON_MODEL = "lstm_python"  # the key of the served model's config in manifest["triton"]
 SERVED_ARTIFACTS = (ONNX, INT8_ONNX)  # the graphs `serve --artifact` runs, one signature
 # Triton's model-config enum of each manifest dtype (what export/triton.py writes).
-_CONFIG_TYPES = {"float32": "TYPE_FP32", "float64": "TYPE_FP64", "int64": "TYPE_INT64"}
+_CONFIG_TYPES = {
+    "float16": "TYPE_FP16",
+    "float32": "TYPE_FP32",
+    "float64": "TYPE_FP64",
+    "int8": "TYPE_INT8",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "uint8": "TYPE_UINT8",
+    "bool": "TYPE_BOOL",
+}
 # Triton's wire datatype of a config data_type: the enum without its prefix, but for strings.
 _WIRE_TYPES = {"TYPE_STRING": "BYTES"}
 
 
 @dataclass(frozen=True)
 class ModelSpec(Signature):
-    """The deployed signature (inputs, outputs), plus the Triton config of the served model."""
+    """The signature (inputs, outputs), its ModelInfo and Layout, and the served Triton config."""
 
     triton_config: dict[str, Any]
-    # Whether chunks of a sequence may come in separate requests, (h, c) kept between them:
-    # not for a bidirectional LSTM, whose backward direction starts at the sequence's last step.
-    streamable: bool = True
+    info: ModelInfo
+    layout: Layout
+
+    @property
+    def streamable(self) -> bool:
+        """Whether chunks of a sequence may come in separate requests, each LSTM's (h, c) kept
+        between them: not for a bidirectional LSTM, whose backward direction starts at the
+        sequence's last step, nor for a model that does not declare it."""
+        return self.info.streamable
 
     @property
     def max_batch_size(self) -> int:
@@ -68,8 +89,8 @@ class ModelSpec(Signature):
 
     @property
     def required(self) -> tuple[str, ...]:
-        """The inputs a request must send: those the config does not mark ``optional``."""
-        return tuple(t["name"] for t in self.triton_config["input"] if not t.get("optional"))
+        """The inputs a request must send: all but lengths (full length) and states (zeros)."""
+        return self.layout.required
 
     def _config_tensor(self, name: str) -> dict[str, Any]:
         config = self.triton_config
@@ -119,29 +140,53 @@ def complete_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def layout_of(info: ModelInfo) -> Layout:
+    """The batching core's view of ``info``: the same facts, as data (as the Triton model.py
+    reads them from its config's parameters)."""
+    return Layout.from_json(dataclasses.asdict(info))
+
+
 def read_spec(bundle: Bundle) -> ModelSpec:
-    """The served model's spec; BundleError if the bundle is not an LSTM bundle with lstm_python."""
-    sig = bundle.signature
-    if tuple(sig.input_names) != LSTM_INPUTS or tuple(sig.output_names) != LSTM_OUTPUTS:
-        raise BundleError(
-            f"{bundle.path / MANIFEST}: the signature is {sig.input_names} -> {sig.output_names}; "
-            f"this server serves LSTM bundles, {list(LSTM_INPUTS)} -> {list(LSTM_OUTPUTS)}"
-        )
+    """The served model's spec; BundleError if the bundle has no lstm_python config, if an LSTM
+    bundle's signature disagrees with its LSTM config, or if the signature cannot be batched."""
+    info = bundle.info
+    sig = info.signature
+    where = bundle.path / MANIFEST
     config = bundle.manifest.get("triton", {}).get(TRITON_MODEL)
     if not isinstance(config, dict):
         raise BundleError(
-            f"{bundle.path / MANIFEST}: triton.{TRITON_MODEL} is missing; re-export the bundle "
-            "with the onnx artifact"
+            f"{where}: triton.{TRITON_MODEL} is missing; re-export the bundle with the onnx "
+            "artifact"
         )
-    problems = _differences(sig, "signature", lstm_signature(bundle.config), "config")
+    if not info.whole:
+        problems = _differences(sig, "signature", lstm_signature(bundle.config), "config")
+        if problems:
+            raise BundleError(
+                f"{where}: its signature and its LSTM config disagree: "
+                + "; ".join(problems)
+                + " (re-export the bundle)"
+            )
+    layout = layout_of(info)
+    problems = _layout_problems(sig, layout)
     if problems:
-        raise BundleError(
-            f"{bundle.path / MANIFEST}: its signature and its LSTM config disagree: "
-            + "; ".join(problems)
-            + " (re-export the bundle)"
-        )
-    streamable = not bundle.config.bidirectional
-    return ModelSpec(sig.inputs, sig.outputs, dict(config), streamable)
+        raise BundleError(f"{where}: the signature cannot be served: " + "; ".join(problems))
+    return ModelSpec(sig.inputs, sig.outputs, dict(config), info, layout)
+
+
+def _layout_problems(sig: Signature, layout: Layout) -> list[str]:
+    """Every tensor batch first (servers batch on axis 0), and every dynamic axis of an output or
+    an optional input sized by a required input (the response's and the defaults' sizes)."""
+    problems = [
+        f"'{t.name}' is {_text(t)}, not batch first"
+        for t in (*sig.inputs, *sig.outputs)
+        if not t.shape or t.shape[0] != BATCH
+    ]
+    given = {d for t in sig.inputs if t.name in layout.required for d in t.shape}
+    for t in (*sig.inputs, *sig.outputs):
+        for d in t.shape:
+            if isinstance(d, str) and d not in given:
+                problems.append(f"'{t.name}' has axis '{d}', which no required input has")
+    return problems
 
 
 def check_config(spec: ModelSpec, where: Path) -> None:
@@ -159,7 +204,8 @@ def check_config(spec: ModelSpec, where: Path) -> None:
         )
 
 
-def _config_differences(sig: Signature, config: dict[str, Any]) -> list[str]:
+def _config_differences(sig: ModelSpec, config: dict[str, Any]) -> list[str]:
+    optional = sig.layout.optional
     where = f"triton.{TRITON_MODEL}"
     if not isinstance(config.get("max_batch_size"), int) or config["max_batch_size"] < 1:
         return [f"{where}.max_batch_size must be >= 1 (the signature is batch first)"]
@@ -178,6 +224,11 @@ def _config_differences(sig: Signature, config: dict[str, Any]) -> list[str]:
                 problems.append(
                     f"{key} '{spec.name}': signature {_text(spec)}, {where} "
                     f"{dtype} dims {entry.get('dims')}"
+                )
+            elif key == "input" and bool(entry.get("optional")) != (spec.name in optional):
+                problems.append(
+                    f"input '{spec.name}': {where} marks it "
+                    f"{'optional' if entry.get('optional') else 'required'}, the model does not"
                 )
     return problems
 

@@ -1,10 +1,12 @@
 """The dynamic batcher: an asyncio queue in front of the model, as Triton's dynamic batcher.
 
 Requests wait in a bounded queue. The batcher takes the oldest and, for up to
-``max_queue_delay_s`` after it arrived, adds whatever else arrives while the merged batch stays
-within ``max_batch_size`` rows; then it runs them as one model execution (``batching``'s
-pad-merge-split, in a worker thread so the event loop keeps accepting) and hands each request its
-own slice. While one batch runs the next one fills, so under load batches grow by themselves.
+``max_queue_delay_s`` after it arrived, adds whatever else arrives that can share its run (the
+layout's ``key``: any length where the model takes lengths, else equal shapes) while the merged
+batch stays within ``max_batch_size`` rows; then it runs them as one model execution
+(``batching``'s merge and split, in a worker thread so the event loop keeps accepting) and hands
+each request its own slice. A request that cannot join waits for a later batch, in its place in
+the queue. While one batch runs the next one fills, so under load batches grow by themselves.
 
 A lone client pays no window: while the server has had at most one request inside at a time for
 ``ALONE_AFTER_S``, a request runs at once (no one could join it; at concurrency 1 the window was
@@ -16,16 +18,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import numpy as np
 
-from lstm_deploy.bundle import INPUT
-
-from .batching import pad_and_merge, split
+from .batching import Layout
 from .errors import ServerFault, ServingError, Unavailable
 from .metrics import Metrics
 
@@ -37,6 +37,7 @@ Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 class _Item:
     inputs: dict[str, np.ndarray]
     rows: int
+    key: Hashable
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float
     deadline: float | None
@@ -47,6 +48,7 @@ class DynamicBatcher:
 
     Args:
         predict: runs one complete, batch-first set of inputs (called in a worker thread).
+        layout: the model's (``batching.Layout``): which requests merge, and how.
         max_batch_size: most rows in one execution (a request's rows are never split).
         max_queue_delay_s: how long the oldest request may wait for others to join it.
         max_queue_size: most requests waiting; past it ``submit`` raises Unavailable (503).
@@ -58,6 +60,7 @@ class DynamicBatcher:
     def __init__(
         self,
         predict: Predict,
+        layout: Layout,
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
@@ -67,6 +70,7 @@ class DynamicBatcher:
         metrics: Metrics | None = None,
     ) -> None:
         self._predict = predict
+        self.layout = layout
         self.max_batch_size = max(1, max_batch_size)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -110,7 +114,8 @@ class DynamicBatcher:
         now = time.perf_counter()
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
         deadline = None if timeout_s is None else now + timeout_s
-        self._queue.append(_Item(inputs, int(inputs[INPUT].shape[0]), future, now, deadline))
+        rows, key = self.layout.rows(inputs), self.layout.key(inputs)
+        self._queue.append(_Item(inputs, rows, key, future, now, deadline))
         self._update_pending()
         self._arrived.set()
         return await future
@@ -155,8 +160,7 @@ class DynamicBatcher:
         self._taken = 1
         window_end = first.enqueued + self.max_queue_delay_s
         while self.dynamic:
-            while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
-                item = self._queue.popleft()
+            for item in self._joining(first.key, self.max_batch_size - rows):
                 batch.append(item)
                 rows += item.rows
                 self._taken += 1
@@ -169,6 +173,26 @@ class DynamicBatcher:
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
         return batch
+
+    def _joining(self, key: Hashable, room: int) -> list[_Item]:
+        """Take from the queue, in order, the requests of ``key`` that fit in ``room`` rows, up
+        to the first of ``key`` that does not fit (none passes it); the others keep their places.
+        """
+        taken: list[_Item] = []
+        kept: deque[_Item] = deque()
+        while self._queue and room > 0:
+            item = self._queue.popleft()
+            if item.key != key:
+                kept.append(item)
+            elif item.rows <= room:
+                taken.append(item)
+                room -= item.rows
+            else:
+                self._queue.appendleft(item)
+                break
+        if kept:  # the skipped ones go back in front, in their order
+            self._queue.extendleft(reversed(kept))
+        return taken
 
     async def _execute(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
@@ -210,9 +234,9 @@ class DynamicBatcher:
     ) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
         """The requests' outputs, and the ns spent padding, running and splitting them."""
         t0 = time.perf_counter_ns()
-        merged, plan = pad_and_merge(requests)
+        merged, plan = self.layout.merge(requests)
         t1 = time.perf_counter_ns()
         outputs = self._predict(merged)
         t2 = time.perf_counter_ns()
-        results = split(outputs, plan)
+        results = self.layout.split(outputs, plan)
         return results, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)

@@ -2,12 +2,13 @@
 
 Plain Python and numpy, no server: usable inside a Triton python-backend ``model.py`` too.
 A stream of requests shares a ``sequence_id``; the first carries ``sequence_start``, the last
-``sequence_end``. Between them the store keeps each sequence's ``(h, c)``::
+``sequence_end``. Between them the store keeps each sequence's state: every LSTM's ``(h, c)``,
+by the name of the input that takes it in the next chunk::
 
-    store = SequenceStore(initial_state=lambda: (np.zeros((1, L, H)), np.zeros((1, L, H))))
-    h0, c0 = store.acquire(seq_id, start=True)      # zeros (or the caller's h0/c0)
-    ...run the chunk from (h0, c0), get (hn, cn)...
-    store.release(seq_id, (hn, cn), end=False)      # kept for the next chunk
+    store = SequenceStore(initial_state=lambda: {"h0": np.zeros((1, L, H)), "c0": ...})
+    state = store.acquire(seq_id, start=True)       # zeros (or the caller's h0/c0)
+    ...run the chunk from state, get hn and cn...
+    store.release(seq_id, {"h0": hn, "c0": cn}, end=False)  # kept for the next chunk
     # on failure: store.cancel(seq_id) keeps the state from before the chunk
 
 A sequence is freed at ``sequence_end``, after ``idle_timeout_s`` without a request, or, when a
@@ -28,7 +29,8 @@ import numpy as np
 
 from .errors import BadRequest, ServerFault, Unavailable
 
-State = tuple[np.ndarray, np.ndarray]  # (h, c), batch first: (1, L, H_out), (1, L, H)
+# Every LSTM's (h, c), batch first ((1, L, H_out), (1, L, H)), by the input that takes it.
+State = dict[str, np.ndarray]
 
 # Triton's sequence ids: an unsigned 64-bit integer or a string (0 and "": no sequence).
 MAX_SEQUENCE_ID = 2**64 - 1
@@ -52,6 +54,18 @@ def check_sequence_id(value: Any) -> int | str:
         f"sequence_id must be an unsigned 64-bit integer or a string of at most "
         f"{MAX_SEQUENCE_ID_CHARS} characters, got {got}"
     )
+
+
+def initial_state(
+    tensors: dict[str, np.ndarray], state_inputs: tuple[str, ...], start: bool
+) -> State | None:
+    """The state a request of a sequence gives for its start (all of ``state_inputs``), or None;
+    BadRequest if it gives some but not all of them, or gives them past the start."""
+    given = {n: tensors[n] for n in state_inputs if n in tensors}
+    if given and (not start or len(given) != len(state_inputs)):
+        names = " and ".join(filter(None, (", ".join(state_inputs[:-1]), state_inputs[-1])))
+        raise BadRequest(f"{names} may be given only together, and only with sequence_start")
+    return given or None
 
 
 @dataclass
@@ -139,7 +153,7 @@ class SequenceStore:
                     "after its idle timeout); send sequence_start to begin it"
                 )
             if initial is not None:
-                raise BadRequest("h0/c0 may only be given with sequence_start")
+                raise BadRequest("an initial state may only be given with sequence_start")
         else:
             # A start on a live id restarts it: the old stream is dropped.
             self._entries.pop(sequence_id, None)

@@ -17,10 +17,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from lstm_deploy import versions
-from lstm_deploy.bundle import C0, CN, H0, HN, INPUT, BundleError
+from lstm_deploy.bundle import BundleError
 
 from . import model_spec
-from .batching import fill_defaults
 from .codecpool import CodecPool, RawBody
 from .config import MODEL_VERSION, ServeOptions
 from .errors import BadRequest, NotFound, ServerFault, ServingError, Unavailable
@@ -33,7 +32,7 @@ from .protocol import (
 )
 from .runtime import OnnxModel
 from .scheduler import DynamicBatcher
-from .sequences import SequenceStore, check_sequence_id
+from .sequences import SequenceStore, check_sequence_id, initial_state
 from .stats import ModelStats
 from .validation import check_header, check_response_size, input_values
 
@@ -45,7 +44,6 @@ EXTENSIONS = [
     "parameters",
     "statistics",
 ]
-STATE_INPUTS = (H0, C0)
 UINT64_MAX = 2**64 - 1  # Triton's timeout parameter: uint64 microseconds
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -103,9 +101,7 @@ class InferenceService:
             raise BundleError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         delay = options.max_queue_delay_us
         self.max_queue_delay_us = self.spec.max_queue_delay_us if delay is None else delay
-        self.state_shapes = {
-            n: tuple(int(d) for d in self.spec.input(n).shape[1:]) for n in STATE_INPUTS
-        }
+        self.layout = self.spec.layout
         self.metrics = Metrics()
         # Where bodies are decoded and responses encoded: large ones off the event loop.
         self.codec_pool = CodecPool(options.max_codec_requests)
@@ -121,6 +117,7 @@ class InferenceService:
         opts = self.options
         self._batcher = DynamicBatcher(
             self.model.predict,
+            self.layout,
             max_batch_size=self.max_batch_size,
             max_queue_delay_s=self.max_queue_delay_us / 1e6,
             max_queue_size=opts.max_queue_size,
@@ -130,16 +127,12 @@ class InferenceService:
         )
         self._batcher.start()
         self._sequences = SequenceStore(
-            self._zero_state,
+            self.layout.zero_state,
             max_sequences=opts.max_sequences,
             idle_timeout_s=opts.sequence_idle_timeout_s,
         )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self.ready = True
-
-    def _zero_state(self) -> tuple[np.ndarray, np.ndarray]:
-        h0, c0 = (np.zeros((1, *self.state_shapes[n]), np.float32) for n in STATE_INPUTS)
-        return h0, c0
 
     async def stop(self) -> None:
         """Not ready any more; run what is queued, then stop."""
@@ -280,7 +273,7 @@ class InferenceService:
         seq_id, start, end = _sequence_parameters(request.parameters)
         timeout = _timeout_s(request.parameters)
         if seq_id is None:
-            outputs = await self._run(fill_defaults(tensors, self.state_shapes), timeout)
+            outputs = await self._run(self.layout.fill_defaults(tensors), timeout)
         else:
             outputs = await self._run_sequence(tensors, seq_id, start, end, timeout)
         return InferResponse(
@@ -329,30 +322,31 @@ class InferenceService:
         timeout: float | None,
     ) -> dict[str, np.ndarray]:
         if not self.spec.streamable:
-            raise BadRequest(
-                f"model '{self.name}' is bidirectional and cannot be streamed: its backward "
-                "direction starts at a sequence's last step, which a stream has not sent yet; "
-                "send the whole sequence in one request, without sequence_id"
+            why = (
+                "is bidirectional and cannot be streamed: its backward direction starts at a "
+                "sequence's last step, which a stream has not sent yet"
+                if self.bundle.manifest.get("config", {}).get("bidirectional")
+                else "cannot be streamed: its bundle does not declare it streamable (chunks "
+                "carrying each LSTM's state would not equal one whole run)"
             )
-        if tensors[INPUT].shape[0] != 1:
+            raise BadRequest(
+                f"model '{self.name}' {why}; send the whole sequence in one request, "
+                "without sequence_id"
+            )
+        if self.layout.rows(tensors) != 1:
             raise BadRequest("a request of a sequence (sequence_id) must have batch size 1")
-        given = [n for n in STATE_INPUTS if n in tensors]
-        if given and (not start or len(given) != len(STATE_INPUTS)):
-            raise BadRequest("h0 and c0 may be given only together, and only with sequence_start")
-        initial = (tensors[H0], tensors[C0]) if given else None
+        initial = initial_state(tensors, self.layout.state_inputs, start)
         store = self._sequences
         assert store is not None
         async with self._sequence_lock(seq_id):
-            h0, c0 = store.acquire(seq_id, start, initial)
+            state = store.acquire(seq_id, start, initial)
             try:
-                inputs = fill_defaults({**tensors, H0: h0, C0: c0}, self.state_shapes)
-                outputs = await self._run(inputs, timeout)
+                outputs = await self._run(self.layout.fill_defaults({**tensors, **state}), timeout)
             except BaseException:
                 store.cancel(seq_id)
                 self._count_sequences()
                 raise
-            # Copies: the outputs are views into the whole merged batch.
-            store.release(seq_id, (outputs[HN].copy(), outputs[CN].copy()), end=end)
+            store.release(seq_id, self.layout.carried(outputs), end=end)
             self._count_sequences()
         return outputs
 

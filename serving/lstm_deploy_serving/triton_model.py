@@ -6,13 +6,15 @@ stub, which provides ``triton_python_backend_utils``. Beside it the export copie
 modules of ``lstm_deploy_serving`` it uses, so the repository needs no lstm-deploy installed where
 Triton runs: only numpy and onnxruntime in the stub's Python.
 
-Triton hands ``execute`` every request of a batch as its own request; they are merged into one
-ONNX Runtime run with the server's batching core (``fill_defaults``, ``pad_and_merge``,
-``split``: pad to the longest, pass each request's ``lengths``), so requests of different lengths
-share a run. With ``sequence_batching`` in the config (the stateful model), Triton's sequence
+What it knows of the model is the bundle's ``ModelInfo``, which the export writes as JSON into
+the config's parameter ``model_info``, read here as a ``batching.Layout`` (as our server reads the
+bundle's). Triton hands ``execute`` every request of a batch as its own request; those that can
+share a run (``Layout.groups``: any lengths where the model takes lengths, else equal shapes) are
+merged into one ONNX Runtime run with the server's batching core (``fill_defaults``, ``merge``,
+``split``). With ``sequence_batching`` in the config (the stateful model), Triton's sequence
 batcher adds the control inputs START, END and CORRID to each request, and a ``SequenceStore``
-keeps every live sequence's ``(h, c)`` between its requests, as our server does for
-``sequence_id``.
+keeps every live sequence's state (each LSTM's ``(h, c)``) between its requests, as our server
+does for ``sequence_id``.
 """
 
 from __future__ import annotations
@@ -30,18 +32,12 @@ import triton_python_backend_utils as pb_utils
 # exported with, whatever else the stub's Python has installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lstm_deploy_serving.batching import check_lengths, fill_defaults, pad_and_merge, split
+from lstm_deploy_serving.batching import Layout
 from lstm_deploy_serving.errors import BadRequest, ServingError
-from lstm_deploy_serving.sequences import SequenceStore
+from lstm_deploy_serving.sequences import SequenceStore, initial_state
 
-STATE_INPUTS = ("h0", "c0")
-OPTIONAL_INPUTS = ("lengths", *STATE_INPUTS)
 ONNX_FILE = "model.onnx"
-
-
-def _int_dims(entry: dict[str, Any]) -> tuple[int, ...]:
-    # Triton's JSON config may spell int64 dims as strings.
-    return tuple(int(d) for d in entry["dims"])
+MODEL_INFO_PARAMETER = "model_info"  # export/triton.py's
 
 
 def _error(e: Exception) -> Any:
@@ -70,8 +66,8 @@ class TritonPythonModel:
 
         config = json.loads(args["model_config"])
         self.name = config["name"]
-        inputs = {t["name"]: t for t in config["input"]}
-        self.state_shapes = {n: _int_dims(inputs[n]) for n in STATE_INPUTS}
+        info = config["parameters"][MODEL_INFO_PARAMETER]["string_value"]
+        self.layout = Layout.from_json(json.loads(info))
         self.output_names = [t["name"] for t in config["output"]]
         path = Path(args["model_repository"]) / args["model_version"] / ONNX_FILE
         # The runtime is an explicit choice: CPU, as the python backend's instance_group.
@@ -85,12 +81,7 @@ class TritonPythonModel:
             # after the same idle time. Room for twice Triton's live cap, so that a sequence
             # Triton timed out can never push out one it still runs.
             self.sequences = SequenceStore(
-                lambda: (
-                    np.zeros((1, *self.state_shapes["h0"]), np.float32),
-                    np.zeros((1, *self.state_shapes["c0"]), np.float32),
-                ),
-                max_sequences=2 * cap,
-                idle_timeout_s=idle_us / 1e6,
+                self.layout.zero_state, max_sequences=2 * cap, idle_timeout_s=idle_us / 1e6
             )
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -124,30 +115,31 @@ class TritonPythonModel:
 
     def _read(self, request: Any) -> tuple[dict[str, np.ndarray], tuple[int, bool, bool] | None]:
         """The request's inputs (present ones only) and its sequence control values."""
-        tensors = {"input": pb_utils.get_input_tensor_by_name(request, "input").as_numpy()}
-        for name in OPTIONAL_INPUTS:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                tensors[name] = tensor.as_numpy()
-        if "lengths" in tensors:  # [batch, 1] on the wire; [batch] with the config's reshape
-            tensors["lengths"] = tensors["lengths"].reshape(-1)
-        check_lengths(tensors)
-        batch = tensors["input"].shape[0]
+        tensors = {}
+        for spec in self.layout.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+            if tensor is None:
+                continue
+            value = tensor.as_numpy()
+            # A [batch] input is [batch, 1] on the wire; [batch] with the config's reshape.
+            tensors[spec.name] = value.reshape(-1) if len(spec.shape) == 1 else value
+        missing = [n for n in self.layout.required if n not in tensors]
+        if missing:
+            raise BadRequest(f"expected input '{missing[0]}' for model '{self.name}', got none")
+        self.layout.check(tensors)
         if self.sequences is None:
             return tensors, None
         control = {
             name: pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
             for name in ("START", "END", "CORRID")
         }
-        if batch != 1:
+        if self.layout.rows(tensors) != 1:
             raise BadRequest("a request of a sequence (sequence_id) must have batch size 1")
         start = bool(control["START"][0])
-        given = [n for n in STATE_INPUTS if n in tensors]
-        if given and (not start or len(given) != len(STATE_INPUTS)):
-            raise BadRequest("h0 and c0 may be given only together, and only with sequence_start")
+        initial_state(tensors, self.layout.state_inputs, start)
         return tensors, (int(control["CORRID"][0]), start, bool(control["END"][0]))
 
-    # -- one merged run ------------------------------------------------------------------------
+    # -- merged runs ---------------------------------------------------------------------------
 
     def _run(self, items: list[_Item], requests: list[Any], responses: list[Any]) -> None:
         live: list[tuple[_Item, dict[str, np.ndarray]]] = []
@@ -157,18 +149,25 @@ class TritonPythonModel:
                 if item.seq is not None:
                     assert self.sequences is not None
                     seq_id, start, _ = item.seq
-                    initial = (inputs["h0"], inputs["c0"]) if "h0" in inputs else None
-                    h0, c0 = self.sequences.acquire(seq_id, start, initial)
-                    inputs = {**inputs, "h0": h0, "c0": c0}
-                live.append((item, fill_defaults(inputs, self.state_shapes)))
+                    given = initial_state(inputs, self.layout.state_inputs, start)
+                    inputs = {**inputs, **self.sequences.acquire(seq_id, start, given)}
+                live.append((item, self.layout.fill_defaults(inputs)))
             except Exception as e:
                 responses[item.index] = pb_utils.InferenceResponse(error=_error(e))
-        if not live:
-            return
+        for group in self.layout.groups([inputs for _, inputs in live]):
+            self._run_group([live[i] for i in group], requests, responses)
+
+    def _run_group(
+        self,
+        live: list[tuple[_Item, dict[str, np.ndarray]]],
+        requests: list[Any],
+        responses: list[Any],
+    ) -> None:
+        """One ONNX Runtime run for requests that can share it (``Layout.groups``)."""
         try:
-            merged, plan = pad_and_merge([inputs for _, inputs in live])
+            merged, plan = self.layout.merge([inputs for _, inputs in live])
             values = self.session.run(self.output_names, merged)
-            results = split(dict(zip(self.output_names, values, strict=True)), plan)
+            results = self.layout.split(dict(zip(self.output_names, values, strict=True)), plan)
         except Exception as e:
             for item, _ in live:
                 if item.seq is not None and self.sequences is not None:
@@ -177,9 +176,7 @@ class TritonPythonModel:
             return
         for (item, _), outputs in zip(live, results, strict=True):
             if item.seq is not None and self.sequences is not None:
-                # Copies: the outputs are views into the whole merged batch.
-                state = (outputs["hn"].copy(), outputs["cn"].copy())
-                self.sequences.release(item.seq[0], state, end=item.seq[2])
+                self.sequences.release(item.seq[0], self.layout.carried(outputs), end=item.seq[2])
             wanted = requests[item.index].requested_output_names() or self.output_names
             responses[item.index] = pb_utils.InferenceResponse(
                 output_tensors=[

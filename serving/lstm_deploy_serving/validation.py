@@ -13,10 +13,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from lstm_deploy.bundle import INPUT, TensorSpec
+from lstm_deploy.bundle import BATCH, SEQUENCE, TensorSpec
 
 from . import codecs
-from .batching import check_lengths
 from .errors import BadRequest
 from .model_spec import ModelSpec
 from .protocol import InputTensor, TensorHeader
@@ -95,19 +94,19 @@ def check_header(
     for name in spec.required:
         if name not in shapes:
             raise BadRequest(f"expected input '{name}' for model '{model}', got none")
-    batch, steps = shapes[INPUT][:2]
+    sizes = spec.layout.axis_sizes(shapes)
+    batch = sizes[BATCH]
     if batch < 1:
         raise BadRequest("inference request batch-size must be at least 1")
     if batch > max_batch_size:
         raise BadRequest(
             f"inference request batch-size must be <= {max_batch_size} for '{model}', got {batch}"
         )
-    for name, shape in shapes.items():
-        if shape[0] != batch:
-            raise BadRequest(f"input '{name}' has batch size {shape[0]}, but 'input' has {batch}")
+    steps = sizes.get(SEQUENCE, 0)
     if steps > max_steps:
+        name = next(t.name for t in spec.inputs if t.name in shapes and SEQUENCE in t.shape)
         raise BadRequest(
-            f"input 'input' has {steps} time steps, above this server's maximum of {max_steps} "
+            f"input '{name}' has {steps} time steps, above this server's maximum of {max_steps} "
             "(--max-sequence-length)"
         )
 
@@ -116,12 +115,13 @@ def input_values(inputs: Sequence[InputTensor], spec: ModelSpec) -> dict[str, np
     """The request's tensors by name, in the signature's form; BadRequest on bad values.
 
     Their names, datatypes and shapes are ``check_header``'s, run before they were decoded:
-    ``lengths`` is checked here, and floats for NaN or Inf. The inputs the config marks optional
-    (``lengths``, ``h0``, ``c0``) may be absent: each request gets its defaults later.
+    the values are checked here (lengths within the time steps, integer inputs within their
+    ranges: ``Layout.check``), and floats for NaN or Inf. The optional inputs (lengths, states)
+    may be absent: each request gets its defaults later.
     """
     known = {t.name: t for t in spec.inputs}
     tensors = {t.name: _signature_form(t, known[t.name], spec).data for t in inputs}
-    check_lengths(tensors)
+    spec.layout.check(tensors)
     for name, value in tensors.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise BadRequest(f"input '{name}' contains NaN or Inf")

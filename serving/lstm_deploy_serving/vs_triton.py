@@ -150,7 +150,13 @@ def _triton_version(http_url: str) -> str:
 
 
 def _input_size(bundle: Path) -> int:
-    signature = json.loads((bundle / MANIFEST).read_text())["signature"]
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    if "model" in manifest:
+        raise LoadtestError(
+            f"--against-triton compares LSTM bundles; {bundle} is a whole-model bundle "
+            "(export_model): compare it with perf_analyzer and your own --input-data"
+        )
+    signature = manifest["signature"]
     return int(next(t for t in signature["inputs"] if t["name"] == "input")["shape"][2])
 
 

@@ -9,29 +9,38 @@ The repository holds these models over the same weights:
   Triton container, CPU or GPU; `lstm_onnx_int8` (onnxruntime backend): `model.int8.onnx`, whose
   DynamicQuantizeLSTM ops run on the CPU only;
 - `lstm_python` and `lstm_python_stateful` (python backend): `model.onnx` run by ONNX Runtime
-  inside Triton's python backend, batched with `lstm_deploy_serving.batching` (requests of
-  different lengths merged by padding + `lengths`, as our server does) and, in the stateful one,
-  `(h, c)` kept per correlation id with `lstm_deploy_serving.sequences`. They run on any Triton
-  whose python backend has numpy and onnxruntime (the `nvidia-pytriton` wheel's, which has no
-  onnxruntime or libtorch backend, and which `lstm-deploy triton` starts).
+  inside Triton's python backend, batched with `lstm_deploy_serving.batching` as our server
+  batches (requests of different lengths merged by padding where the model takes lengths, else
+  only requests of equal shapes) and, in the stateful one, every LSTM's `(h, c)` kept per
+  correlation id with `lstm_deploy_serving.sequences`. They run on any Triton whose python
+  backend has numpy and onnxruntime (the `nvidia-pytriton` wheel's, which has no onnxruntime or
+  libtorch backend, and which `lstm-deploy triton` starts).
+
+Every config comes from the bundle's `ModelInfo` (an LSTM bundle's or a whole model's alike): the
+tensors from its signature, the python models' optional inputs from its lengths and states, the
+stateful model only where it is streamable. The python models' `model.py` reads the same
+`ModelInfo`, as JSON (`dataclasses.asdict`), from their config's parameter `model_info`.
 
 Beside the repository, `kserve/inferenceservice.yaml` serves it on KServe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from lstm_deploy.bundle import (
     BATCH,
-    INPUT,
     INT8_ONNX,
     KSERVE_DIR,
     ONNX,
+    SEQUENCE,
     TORCHSCRIPT,
+    ModelInfo,
     Signature,
     TensorSpec,
 )
@@ -57,8 +66,19 @@ KSERVE_TRITON_VERSION = "24.10-py3"
 # copied beside it, so the repository needs no lstm-deploy installed where Triton runs.
 PYTHON_MODEL_SOURCE = "triton_model.py"
 SERVING_MODULES = ("batching.py", "errors.py", "sequences.py")
-_TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+MODEL_INFO_PARAMETER = "model_info"  # the python models' ModelInfo, as JSON
+_TRITON_TYPES = {
+    "float16": "TYPE_FP16",
+    "float32": "TYPE_FP32",
+    "float64": "TYPE_FP64",
+    "int8": "TYPE_INT8",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "uint8": "TYPE_UINT8",
+    "bool": "TYPE_BOOL",
+}
 _ENUM_FIELDS = frozenset({"data_type", "kind"})
+_MAP_FIELDS = frozenset({"parameters"})  # protobuf maps: `key` and `value` in text format
 
 
 def _tensor(spec: TensorSpec, name: str | None = None) -> dict[str, Any]:
@@ -106,28 +126,33 @@ def torchscript_config(sig: Signature, name: str = "lstm_torchscript") -> dict[s
     }
 
 
-def python_config(sig: Signature, name: str = "lstm_python") -> dict[str, Any]:
+def python_config(info: ModelInfo, name: str = "lstm_python") -> dict[str, Any]:
     """The python-backend model: ONNX Runtime in Triton's python backend, dynamically batched.
 
-    As on our server, only `input` is required (`lengths` defaults to full length, `h0`/`c0` to
-    zeros). `input` allows ragged batches: the python backend gets each request on its own, so
-    Triton may hand it requests of different lengths at once, and model.py pads them together.
-    (Triton batches together only requests that carry the same optional inputs.)
+    As on our server, the lengths input (full length) and the state inputs (zeros) are optional.
+    Where the model takes lengths, its inputs with a `sequence` axis allow ragged batches: the
+    python backend gets each request on its own, so Triton may hand it requests of different
+    lengths at once, and model.py pads them together. (Triton batches together only requests
+    that carry the same optional inputs.) Without lengths, Triton batches equal shapes only.
     """
-    inputs = [_tensor(t) for t in sig.inputs]
-    for entry in inputs:
-        if entry["name"] == INPUT:
-            entry["allow_ragged_batch"] = True
-        else:
+    optional = {*((info.lengths,) if info.lengths else ()), *info.state_inputs}
+    inputs = [_tensor(t) for t in info.signature.inputs]
+    for spec, entry in zip(info.signature.inputs, inputs, strict=True):
+        if spec.name in optional:
             entry["optional"] = True
+        elif info.lengths is not None and SEQUENCE in spec.shape:
+            entry["allow_ragged_batch"] = True
     return {
         "name": name,
         "backend": "python",
         "max_batch_size": MAX_BATCH_SIZE,
         "input": inputs,
-        "output": [_tensor(t) for t in sig.outputs],
+        "output": [_tensor(t) for t in info.signature.outputs],
         "dynamic_batching": {"max_queue_delay_microseconds": MAX_QUEUE_DELAY_US},
         "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        "parameters": {
+            MODEL_INFO_PARAMETER: {"string_value": json.dumps(dataclasses.asdict(info))}
+        },
     }
 
 
@@ -135,15 +160,16 @@ def _control(name: str, kind: str, **fields: Any) -> dict[str, Any]:
     return {"name": name, "control": [{"kind": kind, **fields}]}
 
 
-def python_stateful_config(sig: Signature, name: str = "lstm_python_stateful") -> dict[str, Any]:
-    """The python-backend model with Triton's sequence batcher: `(h, c)` kept per sequence.
+def python_stateful_config(info: ModelInfo, name: str = "lstm_python_stateful") -> dict[str, Any]:
+    """The python-backend model with Triton's sequence batcher: each LSTM's `(h, c)` kept per
+    sequence.
 
     Triton turns a request's `sequence_id`/`sequence_start`/`sequence_end` into the control
     inputs START, END (int32 0/1) and CORRID (uint64); model.py keeps each correlation id's state
     from one request to the next and frees it at END. The oldest-first strategy runs chunks of
     different sequences together in one batch, each sequence's chunks in order.
     """
-    config = python_config(sig, name)
+    config = python_config(info, name)
     del config["dynamic_batching"]
     config["sequence_batching"] = {
         "max_sequence_idle_microseconds": MAX_SEQUENCE_IDLE_US,
@@ -247,6 +273,8 @@ def _scalar(key: str, value: Any) -> str:
 def _render(message: dict[str, Any], lines: list[str], depth: int) -> None:
     pad = "  " * depth
     for key, value in message.items():
+        if key in _MAP_FIELDS:
+            value = [{"key": k, "value": v} for k, v in value.items()]
         items = value if isinstance(value, list) else [value]
         if items and all(isinstance(v, dict) for v in items):
             for item in items:
@@ -263,20 +291,21 @@ def _render(message: dict[str, Any], lines: list[str], depth: int) -> None:
 
 def write_repository(
     root: Path,
-    sig: Signature,
+    info: ModelInfo,
     onnx_model: Path | None,
     torchscript_model: Path | None,
-    streamable: bool = True,
     int8_model: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write `root/<model>/config.pbtxt` and `root/<model>/1/<files>`; return the configs by name.
 
-    The python-backend models come with `onnx_model`; the stateful one only if the model is
-    `streamable`: a bidirectional LSTM is not (its backward direction would have to run over
-    steps that have not arrived yet). `int8_model` (model.int8.onnx) is served by the onnxruntime
-    backend as `lstm_onnx_int8`, under the backend's default file name. Beside `root`, the KServe
-    manifest for its onnxruntime and libtorch models: `root/../kserve/inferenceservice.yaml`.
+    `info` is the bundle's `ModelInfo` (`Bundle.info`: an LSTM bundle's or a whole model's). The
+    python-backend models come with `onnx_model`; the stateful one only if `info.streamable`: a
+    bidirectional LSTM is not (its backward direction would have to run over steps that have not
+    arrived yet). `int8_model` (model.int8.onnx) is served by the onnxruntime backend as
+    `lstm_onnx_int8`, under the backend's default file name. Beside `root`, the KServe manifest
+    for its onnxruntime and libtorch models: `root/../kserve/inferenceservice.yaml`.
     """
+    sig = info.signature
     configs: dict[str, dict[str, Any]] = {}
     python_header = (
         "\nThe python backend runs 1/model.py (lstm_deploy_serving's triton_model.py) on"
@@ -298,8 +327,13 @@ def write_repository(
             "\nThe libtorch backend names tensors by position:\n"
             + "\n".join(f"{n} = {t}" for t, n in torchscript_names(sig).items()),
         ),
-        (python_config(sig), onnx_model, ONNX, python_header),
-        (python_stateful_config(sig), onnx_model if streamable else None, ONNX, python_header),
+        (python_config(info), onnx_model, ONNX, python_header),
+        (
+            python_stateful_config(info),
+            onnx_model if info.streamable else None,
+            ONNX,
+            python_header,
+        ),
     ]
     for config, source, filename, note in models:
         if source is None:
