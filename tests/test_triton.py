@@ -23,36 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import serving_support
 import yaml
 from google.protobuf import text_format
-from lstm_deploy_export.tools.triton_env import ENV_PYTHON, TritonSetupError, check_platform
+from lstm_deploy_export.tools.triton_env import ENV_PYTHON
 from lstm_deploy_export.tools.triton_server import TritonServer, check_repository, infer
 from serving_support import Reference, running_server
 from tritonclient.grpc import model_config_pb2
 
 ATOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 PYTHON_MODELS = ("lstm_python", "lstm_python_stateful")
 TRITON_DTYPES = {"float32": model_config_pb2.TYPE_FP32, "int64": model_config_pb2.TYPE_INT64}
-
-
-def _triton_python() -> Path:
-    """The Triton venv's Python, or a skip (a failure on CI) saying how to create it."""
-    try:
-        check_platform()
-    except TritonSetupError as e:
-        pytest.skip(str(e))
-    python = Path(os.environ.get(ENV_PYTHON) or DEFAULT_PYTHON)
-    if not python.is_file():
-        message = (
-            f"no Triton venv at {python}: run scripts/setup_triton_venv.sh "
-            f"(or set {ENV_PYTHON} to the Python of an environment with lstm-deploy[triton])"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +53,7 @@ def full_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def triton_python() -> Path:
-    return _triton_python()
+    return serving_support.triton_python()
 
 
 @pytest.fixture(scope="module")
