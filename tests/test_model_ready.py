@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lstm_deploy import LSTM
 from lstm_deploy._ready import PROBE_BATCHES, choose_onednn_from_batch, make_ready
+from lstm_deploy.bundle import FORMAT_VERSION, Bundle, file_entry, lstm_signature
 
 INPUT, HIDDEN, STEPS = 6, 32, 37
 # Batch 64 at hidden 32 projects 16 steps at a time: T 37 runs three chunks (lstm_deploy._fast).
@@ -139,6 +140,10 @@ def test_libtorch_runs_both_routes(tmp_path: Path) -> None:
     assert not programs.unavailable, f"the C++ programs must build here: {programs.unavailable}"
     model = LSTM(INPUT, HIDDEN, num_layers=2, bidirectional=True).eval()
     path = export_torchscript(model, tmp_path / "model.pt", onednn_from_batch=3)
+    # The programs read the signature from the manifest beside the model, as in a bundle.
+    signature = lstm_signature(model.config).to_json()
+    manifest = {"format_version": FORMAT_VERSION, "files": {path.name: file_entry(path)}}
+    Bundle(tmp_path, {**manifest, "signature": signature}).write_manifest()
     for batch in (1, 5):
         inputs = make_inputs(model, batch, seed=batch)
         names = ("input", "lengths", "h0", "c0")

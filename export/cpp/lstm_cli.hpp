@@ -1,6 +1,6 @@
-// What the programs share: the command line, the signature's files, the input checks, the timing
-// mode (--repeat) and the error convention (one line on stderr; exit 0 success, 1 error, 2 usage
-// error).
+// What the programs share: the command line, the timing mode (--repeat) and the error convention
+// (one line on stderr; exit 0 success, 1 error, 2 usage error). The signature, its files and
+// their checks are bundle.hpp's.
 #pragma once
 
 #include <algorithm>
@@ -18,20 +18,17 @@
 #include <string>
 #include <vector>
 
-#include "npy.hpp"
+#include "bundle.hpp"
 
 namespace lstm_cli {
-
-// The deployed signature (export/lstm_deploy_export/signature.py): names, in order.
-inline const std::vector<std::string> kInputNames = {"input", "lengths", "h0", "c0"};
-inline const std::vector<std::string> kOutputNames = {"output", "hn", "cn"};
 
 struct Args {
   std::string program;  // the program's name, for the timing line
   std::string model, inputs, outputs;
-  int threads = 0;  // 0: the library's default
-  int repeat = 0;   // timed runs after the first (0: no timing)
-  int warmup = 1;   // untimed runs before the timed ones
+  std::string manifest;  // default: manifest.json beside --model
+  int threads = 0;       // 0: the library's default
+  int repeat = 0;        // timed runs after the first (0: no timing)
+  int warmup = 1;        // untimed runs before the timed ones
 };
 
 struct Program {
@@ -47,35 +44,43 @@ class UsageError : public std::runtime_error {
 
 inline std::string usage(const Program& p) {
   return "usage: " + p.name + " --model " + p.model +
-         " --inputs DIR --outputs DIR [--threads N] [--repeat N [--warmup K]]\n";
+         " --inputs DIR --outputs DIR [--manifest PATH] [--threads N] [--repeat N [--warmup K]]\n";
 }
 
 inline std::string help(const Program& p) {
   return usage(p) + "\nRuns the " + p.model + " of an lstm-deploy bundle with " + p.runtime +
-         " on the CPU.\n\n"
-         "  --model PATH   the bundle's " + p.model + "\n"
-         "  --inputs DIR   a directory holding the four inputs as .npy files (C order):\n"
-         "                   input.npy    float32 [batch, sequence, input_size]\n"
-         "                   lengths.npy  int64   [batch], each in [1, sequence]\n"
-         "                   h0.npy       float32 [batch, L * D, H_out]\n"
-         "                   c0.npy       float32 [batch, L * D, hidden_size]\n"
-         "                 L = num_layers, D = 2 if bidirectional else 1,\n"
-         "                 H_out = proj_size if proj_size > 0 else hidden_size\n"
-         "  --outputs DIR  where to write output.npy [batch, sequence, D * H_out],\n"
-         "                 hn.npy [batch, L * D, H_out] and cn.npy [batch, L * D, hidden_size]\n"
-         "                 (float32; the directory is created if missing)\n"
-         "  --threads N    intra-op threads (default: " + p.runtime + "'s choice)\n"
-         "  --repeat N     timing mode: after the run whose outputs are written, K untimed and\n"
-         "                 N timed runs in this process (inputs loaded once), then one JSON line\n"
-         "                 on stdout: each run's wall and CPU milliseconds (times_ms,\n"
-         "                 cpu_times_ms) and the wall times' median_ms, min_ms, p90_ms, max_ms\n"
-         "  --warmup K     untimed runs before the timed ones (default 1; with --repeat)\n"
-         "  --version      print the " + p.runtime + " version\n"
-         "  -h, --help     show this help\n\n"
-         "Make the inputs with numpy, e.g. numpy.save(\"in/input.npy\", x.astype(numpy.float32)).\n"
-         "Outputs at steps t >= lengths[b] are zeros; hn, cn are the state after each sequence's\n"
-         "last valid step.\n\n"
-         "Exit status: 0 success, 1 error (files, model, run), 2 usage error.\n";
+         " on the CPU. The tensors it takes and\n"
+         "returns are those of the signature in the bundle's manifest.json, by name.\n\n"
+         "  --model PATH     the bundle's " + p.model + "\n"
+         "  --inputs DIR     one .npy file (C order) per input of the signature: DIR/<name>.npy,\n"
+         "                   of the input's dtype and shape\n"
+         "  --outputs DIR    where to write each output of the signature as DIR/<name>.npy, of its\n"
+         "                   dtype (the directory is created if missing)\n"
+         "  --manifest PATH  the bundle's manifest.json (default: the one beside --model)\n"
+         "  --threads N      intra-op threads (default: " + p.runtime + "'s choice)\n"
+         "  --repeat N       timing mode: after the run whose outputs are written, K untimed and\n"
+         "                   N timed runs in this process (inputs loaded once), then one JSON line\n"
+         "                   on stdout: each run's wall and CPU milliseconds (times_ms,\n"
+         "                   cpu_times_ms) and the wall times' median_ms, min_ms, p90_ms, max_ms\n"
+         "  --warmup K       untimed runs before the timed ones (default 1; with --repeat)\n"
+         "  --version        print the " + p.runtime + " version\n"
+         "  -h, --help       show this help\n\n"
+         "The signature (manifest.json's \"signature\") lists each input and output's name, dtype\n"
+         "(" + npy::dtype_names() + ") and shape, whose named axes\n"
+         "(batch, sequence) take any size >= 1, the same in every input. The input that carries\n"
+         "each sequence's length (an LSTM bundle's lengths, a whole model's \"model\": \"lengths\")\n"
+         "holds values in [1, sequence]; integer inputs with a declared range (\"model\":\n"
+         "\"ranges\", e.g. token ids) must lie in it. An LSTM bundle's signature, for example:\n"
+         "  inputs   input.npy    float32 [batch, sequence, input_size]\n"
+         "           lengths.npy  int64   [batch]\n"
+         "           h0.npy       float32 [batch, L * D, H_out]\n"
+         "           c0.npy       float32 [batch, L * D, hidden_size]\n"
+         "  outputs  output.npy   float32 [batch, sequence, D * H_out]\n"
+         "           hn.npy, cn.npy as h0.npy, c0.npy\n"
+         "  (L = num_layers, D = 2 if bidirectional else 1,\n"
+         "  H_out = proj_size if proj_size > 0 else hidden_size)\n\n"
+         "Make the inputs with numpy, e.g. numpy.save(\"in/input.npy\", x.astype(numpy.float32)).\n\n"
+         "Exit status: 0 success, 1 error (files, manifest, model, run), 2 usage error.\n";
 }
 
 // A count flag's value: an integer >= minimum, or a UsageError that names the flag.
@@ -113,13 +118,14 @@ inline Args parse_args(int argc, char** argv, const Program& p) {
       value = arg.substr(eq + 1);
       arg = arg.substr(0, eq);
     }
-    std::string* slot = arg == "--model" ? &a.model
-                        : arg == "--inputs" ? &a.inputs
-                        : arg == "--outputs" ? &a.outputs
-                        : arg == "--threads" ? &threads
-                        : arg == "--repeat"  ? &repeat
-                        : arg == "--warmup"  ? &warmup
-                                             : nullptr;
+    std::string* slot = arg == "--model"      ? &a.model
+                        : arg == "--inputs"   ? &a.inputs
+                        : arg == "--outputs"  ? &a.outputs
+                        : arg == "--manifest" ? &a.manifest
+                        : arg == "--threads"  ? &threads
+                        : arg == "--repeat"   ? &repeat
+                        : arg == "--warmup"   ? &warmup
+                                              : nullptr;
     if (!slot) throw UsageError("unrecognized argument " + arg);
     if (!inline_value) {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
@@ -130,6 +136,8 @@ inline Args parse_args(int argc, char** argv, const Program& p) {
   for (auto [flag, value] :
        {std::pair{"--model", &a.model}, {"--inputs", &a.inputs}, {"--outputs", &a.outputs}})
     if (value->empty()) throw UsageError(std::string(flag) + " is required");
+  if (a.manifest.empty())
+    a.manifest = (std::filesystem::path(a.model).parent_path() / bundle::kManifest).string();
   if (!threads.empty()) a.threads = parse_count("--threads", threads, 1);
   if (!repeat.empty()) a.repeat = parse_count("--repeat", repeat, 1);
   if (!warmup.empty()) {
@@ -137,60 +145,6 @@ inline Args parse_args(int argc, char** argv, const Program& p) {
     a.warmup = parse_count("--warmup", warmup, 0);
   }
   return a;
-}
-
-// The four inputs, read from DIR and checked against each other (the model checks its own sizes).
-struct Inputs {
-  npy::Array input, lengths, h0, c0;
-  int64_t batch = 0, steps = 0;
-};
-
-inline void expect_rank(const npy::Array& a, const std::string& file, size_t rank,
-                        const std::string& dims) {
-  if (a.shape.size() != rank)
-    throw std::runtime_error(file + ": shape " + npy::shape_str(a.shape) + ", expected " + dims);
-}
-
-inline Inputs load_inputs(const std::string& dir) {
-  namespace fs = std::filesystem;
-  if (!fs::is_directory(dir)) throw std::runtime_error(dir + ": not a directory (--inputs)");
-  auto path = [&](const std::string& name) { return (fs::path(dir) / (name + ".npy")).string(); };
-  Inputs in;
-  in.input = npy::load(path("input"), "<f4");
-  in.lengths = npy::load(path("lengths"), "<i8");
-  in.h0 = npy::load(path("h0"), "<f4");
-  in.c0 = npy::load(path("c0"), "<f4");
-  expect_rank(in.input, path("input"), 3, "[batch, sequence, input_size]");
-  expect_rank(in.lengths, path("lengths"), 1, "[batch]");
-  expect_rank(in.h0, path("h0"), 3, "[batch, num_layers * num_directions, H_out]");
-  expect_rank(in.c0, path("c0"), 3, "[batch, num_layers * num_directions, hidden_size]");
-  in.batch = in.input.shape[0];
-  in.steps = in.input.shape[1];
-  if (in.batch < 1 || in.steps < 1)
-    throw std::runtime_error(path("input") + ": shape " + npy::shape_str(in.input.shape) +
-                             ", batch and sequence must be at least 1");
-  for (const auto& [name, a] : {std::pair<std::string, const npy::Array*>{"lengths", &in.lengths},
-                                {"h0", &in.h0}, {"c0", &in.c0}})
-    if (a->shape[0] != in.batch)
-      throw std::runtime_error(path(name) + ": batch " + std::to_string(a->shape[0]) +
-                               ", input.npy has batch " + std::to_string(in.batch));
-  if (in.h0.shape[1] != in.c0.shape[1])
-    throw std::runtime_error(path("c0") + ": shape " + npy::shape_str(in.c0.shape) +
-                             ", its dimension 1 must equal h0's " + npy::shape_str(in.h0.shape));
-  const int64_t* lengths = in.lengths.as<int64_t>();
-  for (int64_t b = 0; b < in.batch; ++b)
-    if (lengths[b] < 1 || lengths[b] > in.steps)
-      throw std::runtime_error(path("lengths") + ": lengths[" + std::to_string(b) + "] = " +
-                               std::to_string(lengths[b]) + " is outside [1, " +
-                               std::to_string(in.steps) + "] (sequence = input.npy's dimension 1)");
-  return in;
-}
-
-// One output of the signature, float32 in C order; creates `dir` if missing.
-inline void save_output(const std::string& dir, const std::string& name,
-                        const std::vector<int64_t>& shape, const float* data) {
-  std::filesystem::create_directories(dir);
-  npy::save((std::filesystem::path(dir) / (name + ".npy")).string(), "<f4", shape, data);
 }
 
 // A message on one line: library errors (ONNX Runtime's shape errors) span several.

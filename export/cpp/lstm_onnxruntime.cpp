@@ -1,27 +1,50 @@
-// Runs a bundle's model.onnx with the ONNX Runtime C++ API on the CPU execution provider.
+// Runs a bundle's model.onnx (or model.int8.onnx) with the ONNX Runtime C++ API on the CPU
+// execution provider, its inputs and outputs named as the signature.
 // Usage: lstm_onnxruntime --model model.onnx --inputs DIR --outputs DIR [--repeat N] (see --help).
 #include <cpu_provider_factory.h>
 #include <onnxruntime_cxx_api.h>
 
-#include <array>
 #include <iostream>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "bundle.hpp"
 #include "lstm_cli.hpp"
 
 namespace {
 
-template <typename T>
+// The signature's dtypes (npy::dtypes) as ONNX element types.
+const std::vector<std::pair<std::string, ONNXTensorElementDataType>>& element_types() {
+  static const std::vector<std::pair<std::string, ONNXTensorElementDataType>> table = {
+      {"float32", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT},
+      {"float64", ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE},
+      {"float16", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16},
+      {"int64", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64},
+      {"int32", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32},
+      {"int8", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8},
+      {"uint8", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8},
+      {"bool", ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL}};
+  return table;
+}
+
 Ort::Value to_value(const Ort::MemoryInfo& cpu, npy::Array& a) {  // no copy
-  T* data = reinterpret_cast<T*>(a.data.data());
-  return Ort::Value::CreateTensor<T>(cpu, data, size_t(a.numel()), a.shape.data(), a.shape.size());
+  for (const auto& [name, type] : element_types())
+    if (name == a.dtype->name)
+      return Ort::Value::CreateTensor(cpu, a.data.data(), a.data.size(), a.shape.data(),
+                                      a.shape.size(), type);
+  throw std::logic_error(std::string("no ONNX element type for ") + a.dtype->name);
+}
+
+// numpy's name for an output's element type, or ONNX's number for it.
+std::string dtype_name(ONNXTensorElementDataType type) {
+  for (const auto& [name, t] : element_types())
+    if (t == type) return name;
+  return "ONNX element type " + std::to_string(int(type));
 }
 
 void run(const lstm_cli::Args& args) {
-  lstm_cli::Inputs in = lstm_cli::load_inputs(args.inputs);
-
   Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "lstm_onnxruntime");
   // The session options of Python's sessions (check/ort_session.py), so that bench compares the
   // same session from both languages: every graph optimization, one inter-op thread.
@@ -39,13 +62,15 @@ void run(const lstm_cli::Args& args) {
     throw std::runtime_error(args.model + ": cannot load the ONNX model (" + e.what() + ")");
   }
 
+  const bundle::Signature signature = bundle::read_signature(args.manifest);
+  std::vector<npy::Array> arrays = bundle::load_inputs(signature, args.inputs, args.model);
+
   const auto cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  std::array<Ort::Value, 4> values = {to_value<float>(cpu, in.input),
-                                      to_value<int64_t>(cpu, in.lengths),
-                                      to_value<float>(cpu, in.h0), to_value<float>(cpu, in.c0)};
+  std::vector<Ort::Value> values;
+  for (auto& a : arrays) values.push_back(to_value(cpu, a));
   std::vector<const char*> input_names, output_names;
-  for (const auto& n : lstm_cli::kInputNames) input_names.push_back(n.c_str());
-  for (const auto& n : lstm_cli::kOutputNames) output_names.push_back(n.c_str());
+  for (const auto& t : signature.inputs) input_names.push_back(t.name.c_str());
+  for (const auto& t : signature.outputs) output_names.push_back(t.name.c_str());
   const auto forward = [&] {
     try {
       return session->Run(Ort::RunOptions{nullptr}, input_names.data(), values.data(),
@@ -56,11 +81,12 @@ void run(const lstm_cli::Args& args) {
   };
   const auto write = [&](const std::vector<Ort::Value>& outputs) {
     for (size_t i = 0; i < outputs.size(); ++i) {
-      const std::string& name = lstm_cli::kOutputNames[i];
+      const bundle::TensorSpec& spec = signature.outputs[i];
+      if (!outputs[i].IsTensor())
+        throw std::runtime_error(args.model + ": output " + spec.name + " is not a tensor");
       const auto info = outputs[i].GetTensorTypeAndShapeInfo();
-      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-        throw std::runtime_error(args.model + ": output " + name + " is not float32");
-      lstm_cli::save_output(args.outputs, name, info.GetShape(), outputs[i].GetTensorData<float>());
+      bundle::save_output(args.outputs, args.model, spec, dtype_name(info.GetElementType()),
+                          info.GetShape(), outputs[i].GetTensorRawData());
     }
   };
   lstm_cli::run_forward(args, forward, write);

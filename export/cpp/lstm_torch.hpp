@@ -1,5 +1,5 @@
 // What the two LibTorch programs (lstm_torchscript, lstm_aoti) share: .npy arrays in as tensors,
-// LibTorch errors as one line, the three outputs written back as .npy files.
+// LibTorch errors as one line, the signature's outputs written back as .npy files.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,14 +7,34 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "bundle.hpp"
 #include "lstm_cli.hpp"
 
 namespace lstm_torch {
 
-inline at::Tensor to_tensor(npy::Array& a, at::ScalarType dtype) {  // no copy
-  return at::from_blob(a.data.data(), a.shape, at::TensorOptions().dtype(dtype));
+// The signature's dtypes (npy::dtypes) as LibTorch's scalar types.
+inline const std::vector<std::pair<std::string, at::ScalarType>>& scalar_types() {
+  static const std::vector<std::pair<std::string, at::ScalarType>> table = {
+      {"float32", at::kFloat}, {"float64", at::kDouble}, {"float16", at::kHalf},
+      {"int64", at::kLong},    {"int32", at::kInt},      {"int8", at::kChar},
+      {"uint8", at::kByte},    {"bool", at::kBool}};
+  return table;
+}
+
+inline at::Tensor to_tensor(npy::Array& a) {  // no copy
+  for (const auto& [name, type] : scalar_types())
+    if (name == a.dtype->name)
+      return at::from_blob(a.data.data(), a.shape, at::TensorOptions().dtype(type));
+  throw std::logic_error(std::string("no LibTorch type for ") + a.dtype->name);
+}
+
+inline std::vector<at::Tensor> to_tensors(std::vector<npy::Array>& arrays) {
+  std::vector<at::Tensor> tensors;
+  for (auto& a : arrays) tensors.push_back(to_tensor(a));
+  return tensors;
 }
 
 // A LibTorch error in one line. A TorchScript interpreter error (torch::jit::JITException, a
@@ -31,15 +51,22 @@ inline std::string describe(const std::exception& e) {
   return lstm_cli::one_line(m);
 }
 
-// Writes output, hn, cn (in that order) to args.outputs; each must be float32.
-inline void save_outputs(const lstm_cli::Args& args, const std::vector<at::Tensor>& outputs) {
+// Writes the model's results as the signature's outputs, in order: as many tensors as outputs,
+// each of its declared dtype.
+inline void save_outputs(const lstm_cli::Args& args, const bundle::Signature& signature,
+                         const std::vector<at::Tensor>& outputs) {
+  if (outputs.size() != signature.outputs.size())
+    throw std::runtime_error(args.model + ": the model returned " +
+                             std::to_string(outputs.size()) + " tensors, its signature (" +
+                             args.manifest + ") has " + std::to_string(signature.outputs.size()) +
+                             " outputs: " + bundle::names(signature.outputs));
   for (size_t i = 0; i < outputs.size(); ++i) {
-    const std::string& name = lstm_cli::kOutputNames[i];
     const at::Tensor t = outputs[i].to(at::kCPU).contiguous();
-    if (t.scalar_type() != at::kFloat)
-      throw std::runtime_error(args.model + ": output " + name + " is " +
-                               c10::toString(t.scalar_type()) + ", expected float32");
-    lstm_cli::save_output(args.outputs, name, t.sizes().vec(), t.const_data_ptr<float>());
+    std::string dtype = c10::toString(t.scalar_type());  // LibTorch's name, if numpy has none
+    for (const auto& [name, type] : scalar_types())
+      if (type == t.scalar_type()) dtype = name;
+    bundle::save_output(args.outputs, args.model, signature.outputs[i], dtype, t.sizes().vec(),
+                        t.const_data_ptr());
   }
 }
 

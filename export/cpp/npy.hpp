@@ -1,6 +1,6 @@
-// The .npy format (numpy.save / numpy.load), for the tensors of the deployed signature only:
-// little-endian float32 ('<f4') and int64 ('<i8'), C order. Reading checks the header and the
-// file size and throws std::runtime_error with a one-line message that names the file.
+// The .npy format (numpy.save / numpy.load), for the dtypes a bundle's signature may declare
+// (lstm_deploy/bundle.py's DTYPES), little-endian, C order. Reading checks the header and the file
+// size and throws std::runtime_error with a one-line message that names the file.
 // Format: https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html
 #pragma once
 
@@ -14,10 +14,39 @@
 
 namespace npy {
 
+struct DType {
+  const char* name;   // numpy's name, as the manifest writes it: "float32"
+  const char* descr;  // what numpy.save writes for it on a little-endian host: "<f4"
+  size_t size;        // bytes per item
+  const char* numpy;  // the numpy attribute that makes it: .astype(numpy.<numpy>)
+};
+
+inline const std::vector<DType>& dtypes() {
+  static const std::vector<DType> table = {
+      {"float32", "<f4", 4, "float32"}, {"float64", "<f8", 8, "float64"},
+      {"float16", "<f2", 2, "float16"}, {"int64", "<i8", 8, "int64"},
+      {"int32", "<i4", 4, "int32"},     {"int8", "|i1", 1, "int8"},
+      {"uint8", "|u1", 1, "uint8"},     {"bool", "|b1", 1, "bool_"}};
+  return table;
+}
+
+// The dtype named `name` ("float32"), or nullptr.
+inline const DType* find_dtype(const std::string& name) {
+  for (const auto& d : dtypes())
+    if (name == d.name) return &d;
+  return nullptr;
+}
+
+inline std::string dtype_names() {  // "float32, float64, ..." for messages
+  std::string s;
+  for (const auto& d : dtypes()) s += (s.empty() ? "" : ", ") + std::string(d.name);
+  return s;
+}
+
 struct Array {
-  std::string descr;  // "<f4" or "<i8"
+  const DType* dtype = nullptr;
   std::vector<int64_t> shape;
-  std::vector<unsigned char> data;  // C order; operator new's alignment suits float and int64
+  std::vector<unsigned char> data;  // C order; operator new's alignment suits every dtype
 
   int64_t numel() const {
     int64_t n = 1;
@@ -34,12 +63,6 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + (shape.size() == 1 ? ",)" : ")");
-}
-
-inline size_t item_size(const std::string& descr) {
-  if (descr == "<f4") return 4;
-  if (descr == "<i8") return 8;
-  throw std::invalid_argument("unsupported dtype " + descr);
 }
 
 namespace detail {
@@ -92,21 +115,21 @@ inline std::vector<int64_t> parse_shape(const std::string& v) {
   return shape;
 }
 
-// The header's dict: {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }
-inline void parse_header(const std::string& header, Array& a) {
+// The header's dict, {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }: its descr.
+inline std::string parse_header(const std::string& header, std::vector<int64_t>& shape) {
   const std::string descr = dict_value(header, "descr");
   if (descr.size() < 2 || (descr.front() != '\'' && descr.front() != '"'))
     throw std::runtime_error("malformed descr " + descr + " in the header");
-  a.descr = descr.substr(1, descr.size() - 2);
   if (dict_value(header, "fortran_order") != "False")
     throw std::runtime_error("Fortran order; save a C-order array (numpy.ascontiguousarray)");
-  a.shape = parse_shape(dict_value(header, "shape"));
+  shape = parse_shape(dict_value(header, "shape"));
+  return descr.substr(1, descr.size() - 2);
 }
 
 }  // namespace detail
 
-// Read `path`, which must hold an array of dtype `descr` ("<f4" or "<i8").
-inline Array load(const std::string& path, const std::string& descr) {
+// Read `path`, which must hold an array of dtype `want`.
+inline Array load(const std::string& path, const DType& want) {
   auto fail = [&](const std::string& why) { return std::runtime_error(path + ": " + why); };
   if (!detail::host_is_little_endian()) throw fail("this program needs a little-endian host");
   std::ifstream f(path, std::ios::binary | std::ios::ate);
@@ -130,17 +153,21 @@ inline Array load(const std::string& path, const std::string& descr) {
   if (!f) throw fail("truncated .npy header");
 
   Array a;
+  std::string descr;
   try {
-    detail::parse_header(header, a);
+    descr = detail::parse_header(header, a.shape);
   } catch (const std::runtime_error& e) {
     throw fail(e.what());
   }
-  if (a.descr != descr) {
-    const std::string want = descr == "<f4" ? "float32" : "int64";
-    throw fail("dtype " + a.descr + ", expected " + descr + " (little-endian " + want +
-               "): save it with .astype(numpy." + want + ")");
+  if (descr != want.descr) {
+    std::string found = descr;
+    for (const auto& d : dtypes())
+      if (descr == d.descr) found += " (" + std::string(d.name) + ")";
+    throw fail("dtype " + found + ", expected " + want.descr + " (" + want.name +
+               "): save it with .astype(numpy." + want.numpy + ")");
   }
-  const size_t expected = size_t(a.numel()) * item_size(descr);
+  a.dtype = &want;
+  const size_t expected = size_t(a.numel()) * want.size;
   const size_t have = file_size - size_t(f.tellg());
   if (have != expected)
     throw fail("holds " + std::to_string(have) + " data bytes, shape " + shape_str(a.shape) +
@@ -152,11 +179,11 @@ inline Array load(const std::string& path, const std::string& descr) {
 }
 
 // Write a C-order array as .npy version 1.0, as numpy.save does.
-inline void save(const std::string& path, const std::string& descr,
-                 const std::vector<int64_t>& shape, const void* data) {
+inline void save(const std::string& path, const DType& dtype, const std::vector<int64_t>& shape,
+                 const void* data) {
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
-  std::string header = "{'descr': '" + descr +
+  std::string header = "{'descr': '" + std::string(dtype.descr) +
                        "', 'fortran_order': False, 'shape': " + shape_str(shape) + ", }";
   // Spaces and a final '\n' so that the data starts at a multiple of 64 bytes.
   header.append((64 - (10 + header.size() + 1) % 64) % 64, ' ');
@@ -168,7 +195,7 @@ inline void save(const std::string& path, const std::string& descr,
   if (!f) throw std::runtime_error(path + ": cannot open the file for writing");
   f.write(reinterpret_cast<const char*>(pre), sizeof pre);
   f.write(header.data(), std::streamsize(header.size()));
-  f.write(static_cast<const char*>(data), std::streamsize(numel * int64_t(item_size(descr))));
+  f.write(static_cast<const char*>(data), std::streamsize(numel * int64_t(dtype.size)));
   if (!f) throw std::runtime_error(path + ": write failed");
 }
 

@@ -1,7 +1,9 @@
-"""Build the C++ programs of export/cpp (LibTorch for model.pt, the ONNX Runtime C++ API for
-model.onnx) with CMake, and print their paths. ONNX Runtime's C++ headers are fetched by package
-name (Debian trixie's libonnxruntime-dev) unless $LSTM_DEPLOY_ORT_INCLUDE_DIR names a directory
-that has them. The build is cached: about a minute the first time, a second or two after that.
+"""Build the C++ programs of export/cpp (LibTorch for model.pt and model.pt2, the ONNX Runtime C++
+API for model.onnx) with CMake, and print their paths. The headers the wheels lack are fetched by
+package name (Debian trixie's libonnxruntime-dev and nlohmann-json3-dev) unless
+$LSTM_DEPLOY_ORT_INCLUDE_DIR and $LSTM_DEPLOY_JSON_INCLUDE_DIR name directories that have them.
+Each program reads the signature from the bundle's manifest.json. The build is cached: about a
+minute the first time, a second or two after that.
 
 Exit status: 0 both built, 1 any not built (the reason is printed).
 

@@ -2,7 +2,7 @@
 
 `build()` compiles them with CMake, cached in a build directory, and returns `CppPrograms`, whose
 `run(program, model, inputs)` runs a bundle's model on numpy inputs through the programs' .npy
-files. Where they come from:
+files, named as the signature in the bundle's manifest. Where they come from:
 
 - LibTorch: the installed torch wheel's headers, libraries and CMake files (`lstm_torchscript`;
   `lstm_aoti`, whose AOTIModelPackageLoader is in libtorch_cpu).
@@ -10,6 +10,9 @@ files. Where they come from:
   headers, so they are Debian trixie's `libonnxruntime-dev`, fetched by package name with a
   private, throw-away apt state (nothing is installed), or taken from `$LSTM_DEPLOY_ORT_INCLUDE_DIR`
   (a directory holding `onnxruntime_cxx_api.h`, e.g. from Microsoft's release tarball).
+- nlohmann/json, which every program reads the manifest with: Debian trixie's
+  `nlohmann-json3-dev` (header-only), fetched the same way, or `$LSTM_DEPLOY_JSON_INCLUDE_DIR`
+  (a directory holding `nlohmann/json.hpp`).
 
 A program whose dependency is missing is not built: `CppPrograms.unavailable` says why. Building
 needs cmake and a C++17 compiler; the first build takes about a minute (LibTorch's headers).
@@ -36,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from lstm_deploy.bundle import lstm_signature
-from lstm_deploy.config import LSTMConfig
+from lstm_deploy.bundle import MANIFEST, Signature, load_bundle
 from lstm_deploy.versions import installed
 
 __all__ = ["PROGRAMS", "CppError", "CppPrograms", "build", "default_build_dir"]
@@ -61,16 +63,37 @@ LIBTORCH_PROGRAMS = (TORCHSCRIPT, AOTI)  # what a missing LibTorch leaves unbuil
 
 DEBIAN_SUITE = "trixie"  # the first Debian release whose libonnxruntime-dev has the C++ API
 APT_SOURCES = (Path("/etc/apt/sources.list.d"), Path("/etc/apt/sources.list"))
-ORT_HEADERS_PACKAGE = "libonnxruntime-dev"
-ORT_INCLUDE_ENV = "LSTM_DEPLOY_ORT_INCLUDE_DIR"
 FETCH_TIMEOUT_S = 180
 CONFIGURE_TIMEOUT_S = 300
 BUILD_TIMEOUT_S = 1200
 
-# Names and dtypes of the signature do not depend on the model's sizes.
-_SIGNATURE = lstm_signature(LSTMConfig(input_size=1, hidden_size=1))
-_INPUT_DTYPES = {t.name: np.dtype(t.dtype) for t in _SIGNATURE.inputs}
-_OUTPUT_NAMES = _SIGNATURE.output_names
+
+@dataclass(frozen=True)
+class Headers:
+    """Headers that the build takes from a Debian package, fetched by name, or from `env`."""
+
+    package: str  # the Debian package, e.g. "libonnxruntime-dev"
+    include: str  # the include directory inside it, e.g. "usr/include/onnxruntime"
+    header: str  # a header that the include directory must hold, relative to it
+    env: str  # the variable that names an include directory to use instead
+    option: str  # the CMake option that takes the include directory
+
+
+ORT_HEADERS = Headers(
+    "libonnxruntime-dev",
+    "usr/include/onnxruntime",
+    "onnxruntime_cxx_api.h",
+    "LSTM_DEPLOY_ORT_INCLUDE_DIR",
+    "ONNXRUNTIME_INCLUDE_DIR",
+)
+JSON_HEADERS = Headers(
+    "nlohmann-json3-dev",
+    "usr/include",
+    "nlohmann/json.hpp",
+    "LSTM_DEPLOY_JSON_INCLUDE_DIR",
+    "NLOHMANN_JSON_INCLUDE_DIR",
+)
+ORT_INCLUDE_ENV = ORT_HEADERS.env
 
 
 class CppError(RuntimeError):
@@ -99,7 +122,8 @@ class CppPrograms:
         """Run `program` (a key of `PROGRAMS`) on `model`: model.pt with LibTorch
         (`lstm_torchscript`), model.onnx with the ONNX Runtime C++ API, CPU execution provider
         (`lstm_onnxruntime`), model.pt2 with AOTIModelPackageLoader (`lstm_aoti`). Inputs and
-        outputs are named as the signature.
+        outputs are named as the signature in the manifest.json beside `model` (in its bundle);
+        the outputs come back in the signature's order.
 
         threads: the program's intra-op threads. One by default: an LSTM step is many small ops,
         and on a busy machine a second thread mostly waits at barriers (seconds at T=300); None
@@ -147,11 +171,9 @@ class CppPrograms:
         if program not in self.paths:
             reason = self.unavailable.get(program, "not built")
             raise CppError(f"{program} is not available: {reason}")
-        if set(inputs) != set(_INPUT_DTYPES):
-            raise ValueError(f"inputs must be {sorted(_INPUT_DTYPES)}, got {sorted(inputs)}")
-        for name, dtype in _INPUT_DTYPES.items():
-            if np.asarray(inputs[name]).dtype != dtype:
-                raise ValueError(f"{name} must be {dtype}, got {np.asarray(inputs[name]).dtype}")
+        signature = _signature_beside(model)
+        if signature is not None:
+            _check_inputs(signature, inputs)
         with tempfile.TemporaryDirectory(prefix="lstm-deploy-cpp-") as tmp:
             in_dir, out_dir = Path(tmp, "inputs"), Path(tmp, "outputs")
             in_dir.mkdir()
@@ -166,11 +188,29 @@ class CppPrograms:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
                 raise CppError(f"{program} did not finish within {timeout:g} s") from None
-            if done.returncode != 0:
+            if done.returncode != 0 or signature is None:  # without a manifest, it fails
                 message = done.stderr.strip() or done.stdout.strip() or "no message"
                 raise CppError(f"{program} failed (exit {done.returncode}): {message}")
-            outputs = {name: np.load(out_dir / f"{name}.npy") for name in _OUTPUT_NAMES}
+            outputs = {name: np.load(out_dir / f"{name}.npy") for name in signature.output_names}
             return outputs, done.stdout
+
+
+def _signature_beside(model: Path) -> Signature | None:
+    """The signature of the bundle that holds `model`; None where it has no manifest.json, which
+    the program then reports (after the model itself: a missing model is named first)."""
+    if not (Path(model).parent / MANIFEST).is_file():
+        return None
+    return load_bundle(Path(model).parent, only=()).signature  # the schema; no file hashed
+
+
+def _check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> None:
+    """The caller's mistakes as ValueError, before a process starts: names and dtypes."""
+    if set(inputs) != set(signature.input_names):
+        raise ValueError(f"inputs must be {signature.input_names}, got {sorted(inputs)}")
+    for spec in signature.inputs:
+        dtype = np.asarray(inputs[spec.name]).dtype
+        if dtype != np.dtype(spec.dtype):
+            raise ValueError(f"{spec.name} must be {spec.dtype}, got {dtype}")
 
 
 def default_build_dir() -> Path:
@@ -207,13 +247,17 @@ def _build(root: Path, say: Callable[[str], None]) -> CppPrograms:
         return CppPrograms(unavailable=dict.fromkeys(PROGRAMS, reason))
     reasons: dict[str, str] = {}
     options = ["-DCMAKE_BUILD_TYPE=Release"]
+    try:  # every program reads the manifest with it
+        options.append(f"-D{JSON_HEADERS.option}={_headers(root, JSON_HEADERS, say)}")
+    except CppError as e:
+        return CppPrograms(unavailable=dict.fromkeys(PROGRAMS, str(e)))
     try:
         options.append(f"-DCMAKE_PREFIX_PATH={_torch_cmake_prefix()}")
     except CppError as e:
         reasons.update(dict.fromkeys(LIBTORCH_PROGRAMS, str(e)))
     try:
         options.append(f"-DONNXRUNTIME_LIBRARY={_onnxruntime_library()}")
-        options.append(f"-DONNXRUNTIME_INCLUDE_DIR={_onnxruntime_headers(root, say)}")
+        options.append(f"-D{ORT_HEADERS.option}={_headers(root, ORT_HEADERS, say)}")
     except CppError as e:
         reasons[ONNXRUNTIME] = str(e)
 
@@ -285,30 +329,36 @@ def _onnxruntime_library() -> Path:
     return max(libraries, key=lambda p: len(p.name))  # libonnxruntime.so.1.32.0
 
 
-def _onnxruntime_headers(root: Path, say: Callable[[str], None]) -> Path:
-    """The directory holding onnxruntime_cxx_api.h: the environment's, cached, or fetched."""
-    if os.environ.get(ORT_INCLUDE_ENV):
-        include = Path(os.environ[ORT_INCLUDE_ENV])
-        if not (include / "onnxruntime_cxx_api.h").is_file():
-            raise CppError(f"{ORT_INCLUDE_ENV}={include} has no onnxruntime_cxx_api.h")
+def _headers(root: Path, headers: Headers, say: Callable[[str], None]) -> Path:
+    """The include directory of `headers`: the environment's, cached in `root`, or fetched."""
+    if os.environ.get(headers.env):
+        include = Path(os.environ[headers.env])
+        if not (include / headers.header).is_file():
+            raise CppError(f"{headers.env}={include} has no {headers.header}")
         return include
-    dest = root / "onnxruntime-headers"
-    include = dest / "usr" / "include" / "onnxruntime"
-    if (include / "onnxruntime_cxx_api.h").is_file():
+    dest = root / headers.package
+    include = dest / headers.include
+    if (include / headers.header).is_file():
         return include
+    hint = f"; or set {headers.env} to a directory with {headers.header}"
     missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
     if missing:
         raise CppError(
-            f"cannot fetch the ONNX Runtime headers: {' and '.join(missing)} not found (not "
-            f"a Debian-based system?); set {ORT_INCLUDE_ENV} to a directory with "
-            "onnxruntime_cxx_api.h"
+            f"cannot fetch {headers.package}: {' and '.join(missing)} not found (not a "
+            f"Debian-based system?){hint}"
         )
-    say(f"fetching the ONNX Runtime C++ headers ({ORT_HEADERS_PACKAGE} from Debian trixie)")
+    mirror = _debian_mirror()
+    if mirror is None:
+        raise CppError(
+            f"cannot fetch {headers.package}: no Debian archive in this machine's apt sources "
+            f"(/etc/apt){hint}"
+        )
+    say(f"fetching {headers.header} ({headers.package} from Debian {DEBIAN_SUITE})")
     with tempfile.TemporaryDirectory(dir=root, prefix="fetch-") as tmp:
         work = Path(tmp)
         (work / "lists" / "partial").mkdir(parents=True)
         (work / "cache" / "archives" / "partial").mkdir(parents=True)
-        (work / "sources.list").write_text(f"deb {_debian_mirror()} {DEBIAN_SUITE} main\n")
+        (work / "sources.list").write_text(f"deb {mirror} {DEBIAN_SUITE} main\n")
         apt = ["apt-get", "-q"]
         for option in (
             f"Dir::Etc::SourceList={work / 'sources.list'}",
@@ -321,24 +371,24 @@ def _onnxruntime_headers(root: Path, say: Callable[[str], None]) -> Path:
             *(["APT::Sandbox::User=root"] if os.geteuid() == 0 else []),
         ):
             apt += ["-o", option]
-        hint = f"; or set {ORT_INCLUDE_ENV} to a directory with onnxruntime_cxx_api.h"
-        for step in (["update"], ["download", ORT_HEADERS_PACKAGE]):
-            _check([*apt, *step], f"apt-get {step[0]} (Debian trixie)", FETCH_TIMEOUT_S, work, hint)
-        debs = sorted(work.glob(f"{ORT_HEADERS_PACKAGE}_*.deb"))
+        for step in (["update"], ["download", headers.package]):
+            what = f"apt-get {step[0]} (Debian {DEBIAN_SUITE})"
+            _check([*apt, *step], what, FETCH_TIMEOUT_S, work, hint)
+        debs = sorted(work.glob(f"{headers.package}_*.deb"))
         if not debs:
-            raise CppError(f"apt-get download wrote no {ORT_HEADERS_PACKAGE}_*.deb{hint}")
+            raise CppError(f"apt-get download wrote no {headers.package}_*.deb{hint}")
         extracted = work / "extracted"
         _check(["dpkg-deb", "-x", str(debs[0]), str(extracted)], "dpkg-deb -x", FETCH_TIMEOUT_S)
-        if not (extracted / include.relative_to(dest) / "onnxruntime_cxx_api.h").is_file():
-            raise CppError(f"{debs[0].name} has no usr/include/onnxruntime/onnxruntime_cxx_api.h")
+        if not (extracted / headers.include / headers.header).is_file():
+            raise CppError(f"{debs[0].name} has no {headers.include}/{headers.header}{hint}")
         (extracted / "PACKAGE").write_text(debs[0].name + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         extracted.rename(dest)
     return include
 
 
-def _debian_mirror() -> str:
-    """The Debian archive this machine's apt already uses (its first `debian` URI)."""
+def _debian_mirror() -> str | None:
+    """The Debian archive this machine's apt already uses (its first `debian` URI), or None."""
     files = [p for d in APT_SOURCES for p in (sorted(d.glob("*")) if d.is_dir() else [d])]
     for path in files:
         try:
@@ -351,10 +401,7 @@ def _debian_mirror() -> str:
                 uris = [w for w in words[1:] if "://" in w]
                 if uris and uris[0].rstrip("/").endswith("/debian"):
                     return uris[0].rstrip("/")
-    raise CppError(
-        "cannot fetch the ONNX Runtime headers: no Debian archive in this machine's apt sources "
-        f"(/etc/apt); set {ORT_INCLUDE_ENV} to a directory with onnxruntime_cxx_api.h"
-    )
+    return None
 
 
 def _check(
