@@ -24,25 +24,33 @@ HIDDEN, STEPS, BATCH = 24, 80, 32
 SATURATED = 0.99  # a sigmoid gate at or beyond 0.99 (or 0.01): |pre-activation| >= 4.6
 
 
-def train_recall(max_steps: int = 800) -> nn.LSTM:
-    """Train until the recall is learnt (loss < 1e-3); a few seconds on 2 cores."""
-    torch.manual_seed(0)
-    lstm = nn.LSTM(2, HIDDEN, num_layers=2, batch_first=True)
-    head = nn.Linear(HIDDEN, 1)
-    opt = torch.optim.Adam([*lstm.parameters(), *head.parameters()], lr=5e-2)
-    for _ in range(max_steps):
-        marker = torch.randint(0, 2, (BATCH, 1)).float() * 2 - 1
-        x = torch.randn(BATCH, STEPS, 2)
-        x[:, :, 0] = 0
-        x[:, 0, 0] = marker[:, 0]
-        out, _ = lstm(x)
-        loss = ((head(out).squeeze(-1) - marker) ** 2)[:, 5:].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 1e-3:
-            return lstm
-    raise AssertionError(f"the recall task was not learnt in {max_steps} steps: loss {loss:.3g}")
+def train_recall(max_steps: int = 800, seeds: int = 8) -> nn.LSTM:
+    """Train until the recall is learnt (loss < 1e-3); a few seconds on 2 cores.
+
+    Whether a seed learns it depends on the CPU's rounding (seed 0 did on Intel's AVX-512, and
+    stays at the trivial loss ~1 on AMD EPYC): a seed still there after 200 steps gives way to
+    the next.
+    """
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        lstm = nn.LSTM(2, HIDDEN, num_layers=2, batch_first=True)
+        head = nn.Linear(HIDDEN, 1)
+        opt = torch.optim.Adam([*lstm.parameters(), *head.parameters()], lr=5e-2)
+        for step in range(max_steps):
+            marker = torch.randint(0, 2, (BATCH, 1)).float() * 2 - 1
+            x = torch.randn(BATCH, STEPS, 2)
+            x[:, :, 0] = 0
+            x[:, 0, 0] = marker[:, 0]
+            out, _ = lstm(x)
+            loss = ((head(out).squeeze(-1) - marker) ** 2)[:, 5:].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < 1e-3:
+                return lstm
+            if step == 200 and loss.item() > 0.5:
+                break  # stuck at predicting 0
+    raise AssertionError(f"the recall task was not learnt with {seeds} seeds: loss {loss:.3g}")
 
 
 @torch.no_grad()
