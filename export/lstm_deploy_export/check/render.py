@@ -98,6 +98,12 @@ def verdict(report: Report) -> str:
     return "\n".join([text, *(failure_line(f) for f in report.failures)])
 
 
+def _oracle_words(report: Report) -> str:
+    if report.whole:
+        return "the model with its LSTMs converted, in float64"
+    return "the scratch module in float64"
+
+
 def markdown(report: Report) -> str:
     header = _header(report)
     lines = [
@@ -106,7 +112,7 @@ def markdown(report: Report) -> str:
         f"{'**PASSED**' if report.passed else '**FAILED**'} · {report.created} · "
         f"{len(report.cases)} cases ({_sweep_words(report)}) · {report.duration_s:.1f}s",
         "",
-        "Max |Δ| per output against the float64 oracle (the scratch module in float64), worst",
+        f"Max |Δ| per output against the float64 oracle ({_oracle_words(report)}), worst",
         "over the sweep; `of tol` is the largest |Δ| / allowed (> 1 fails).",
         "",
         "| " + " | ".join(header) + " |",
@@ -202,6 +208,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "format_version": 1,
         "passed": report.passed,
         "bundle": report.bundle,
+        "whole_model": report.whole,
         "created": report.created,
         "duration_s": round(report.duration_s, 2),
         "versions": report.versions,

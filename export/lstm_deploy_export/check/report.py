@@ -13,7 +13,9 @@ from typing import Any
 from lstm_deploy_export.check.compare import Metrics, Tolerance
 from lstm_deploy_export.check.sweep import Case
 
-ORACLE, TORCH_NN = "oracle", "nn.LSTM"  # the two references: scratch float64, torch.nn.LSTM float64
+# The two references: the scratch module (a whole model: with its LSTMs converted) in float64, and
+# torch.nn.LSTM (a whole model: the module with torch.nn.LSTMs) in float64.
+ORACLE, TORCH_NN = "oracle", "nn.LSTM"
 REFERENCES = (ORACLE, TORCH_NN)
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
@@ -104,6 +106,7 @@ class Report:
     failures: list[Failure]
     duration_s: float = 0.0
     versions: dict[str, Any] = field(default_factory=dict)
+    whole: bool = False  # a whole-model bundle: the oracle is the user's module, converted
 
     @property
     def passed(self) -> bool:

@@ -1,9 +1,10 @@
 """How each runtime runs a bundle's artifact: one maker per kind of runtime, each giving a Runner.
 
 A runner takes the signature's inputs as numpy arrays and returns its outputs as numpy arrays,
-whatever runs underneath: the scratch module in eager PyTorch, TorchScript (CPU, CUDA), ONNX
-Runtime (CPU, CUDA), OpenVINO, onnx's reference evaluator, torch.nn.LSTM (bench's reference), the
-C++ programs of export/cpp, or a real Triton server. `Runner.prepare` does the untimed work
+whatever runs underneath: the scratch module in eager PyTorch (a whole-model bundle's: the user's
+module with its LSTMs converted, behind the signature as export runs it), TorchScript (CPU, CUDA),
+ONNX Runtime (CPU, CUDA), OpenVINO, onnx's reference evaluator, torch.nn.LSTM (bench's reference),
+the C++ programs of export/cpp, or a real Triton server. `Runner.prepare` does the untimed work
 (tensors onto the device) and returns the call that bench times. Which runner runs which row is
 the registry's (`runtimes`).
 """
@@ -22,10 +23,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from lstm_deploy import convert
 from lstm_deploy.bundle import AOTI, INPUT, LENGTHS, TORCHSCRIPT, Bundle, Signature
 from lstm_deploy.model import LSTM
 from lstm_deploy_export.check import ort_session
 from lstm_deploy_export.export.graphs import DeployLSTM
+from lstm_deploy_export.export.taps import Flat, flatten, tapped
 from lstm_deploy_export.export.writer import load_model
 
 if TYPE_CHECKING:
@@ -66,6 +69,8 @@ class Context:
         triton: start a real tritonserver for the Triton row; `triton_python` is the Python of
             its environment.
         say: progress lines (the C++ build's).
+        model: a whole-model bundle's model as the user wrote it, with the bundle's weights
+            (`export.whole.load_whole_model`): what its eager row runs, converted.
         stack: owns the servers that rows start; they stop when it closes.
     """
 
@@ -74,6 +79,7 @@ class Context:
     triton: bool = False
     triton_python: str | None = None
     say: Callable[[str], None] | None = None
+    model: nn.Module | None = None
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _programs: CppPrograms | None = field(default=None, init=False, repr=False)
 
@@ -100,7 +106,15 @@ def torch_inputs(
 
 
 def arrays(sig: Signature, outputs: Any) -> Arrays:
-    return {name: t.detach().cpu().numpy() for name, t in zip(sig.output_names, outputs)}
+    """A torch module's outputs by the signature's names: tuples and lists flattened depth first
+    (a scripted whole model returns its own structure, maybe one tensor)."""
+    tensors = flatten(outputs)
+    if len(tensors) != len(sig.outputs):
+        raise ValueError(
+            f"the model returned {len(tensors)} tensors; the signature has {len(sig.outputs)} "
+            f"outputs ({', '.join(sig.output_names)})"
+        )
+    return {name: t.detach().cpu().numpy() for name, t in zip(sig.output_names, tensors)}
 
 
 @contextlib.contextmanager
@@ -184,7 +198,17 @@ def _torch_runner(module: Any, sig: Signature, device: str, tf32: bool = False) 
 
 
 def run_eager(bundle: Bundle, context: Context) -> Runner:
-    return _torch_runner(DeployLSTM(load_model(bundle)).eval(), bundle.signature, "cpu")
+    if not bundle.whole:
+        return _torch_runner(DeployLSTM(load_model(bundle)).eval(), bundle.signature, "cpu")
+    if context.model is None:
+        raise Unavailable("a whole model's eager row needs the model (validate's --module)")
+    # As export runs it: each LSTM converted and behind a Tap around its DeployLSTM, the state
+    # (streamable) given and taken by the Taps. The references run the model without Taps.
+    info = bundle.info
+    model, taps = tapped(convert(context.model).float().eval(), lambda m: DeployLSTM(m).eval())
+    n_inputs = len(info.signature.inputs) - len(info.state_inputs)
+    flat = Flat(model, taps, n_inputs, stateful=bool(info.state)).eval()
+    return _torch_runner(flat, bundle.signature, "cpu")
 
 
 def run_torchscript(device: str, tf32: bool = False) -> Callable[[Bundle, Context], Runner]:

@@ -54,7 +54,7 @@ class Runtime:
     def unavailable(self, bundle: Bundle, context: Context) -> str | None:
         """Why this row is skipped for `bundle` here, or None when it can run."""
         if not bundle.has(self.artifact):
-            if self.artifact in (ONNX, INT8_ONNX) and bundle.config.proj_size > 0:
+            if self.artifact in (ONNX, INT8_ONNX) and _projected(bundle):
                 return (
                     f"{self.artifact} is not in the bundle (the ONNX LSTM op has no projection: "
                     "proj_size > 0)"
@@ -64,6 +64,14 @@ class Runtime:
                 return f"{self.artifact} is not in the bundle: {skipped}"
             return f"{self.artifact} is not in the bundle (exported without it)"
         return self.available(context)
+
+
+def _projected(bundle: Bundle) -> bool:
+    """Whether an LSTM of the bundle has proj_size > 0 (a whole model's: any of its LSTMs)."""
+    if bundle.whole:
+        lstms = bundle.manifest["model"].get("lstms") or {}
+        return any(config.get("proj_size", 0) > 0 for config in lstms.values())
+    return bundle.config.proj_size > 0
 
 
 # --- why a runtime cannot run here -----------------------------------------------------------

@@ -1,15 +1,21 @@
-"""The parity sweep: the cases `lstm-deploy validate` runs, and their inputs."""
+"""The parity sweep: the cases `lstm-deploy validate` runs, and their inputs.
+
+An LSTM bundle's inputs are the deployed signature's (`make_inputs`); a whole model's are built
+from its own signature (`model_inputs`): floats N(0, 1), integer inputs (token ids) uniform in
+their declared range, the lengths input (where it declares one) per the case's pattern, each
+LSTM's state (where it is streamable) per the case's, other named axes at the manifest's sizes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lstm_deploy.bundle import C0, H0, INPUT, LENGTHS
+from lstm_deploy.bundle import BATCH, C0, H0, INPUT, LENGTHS, SEQUENCE, BundleError, ModelInfo
 from lstm_deploy.config import LSTMConfig
 
 Arrays = dict[str, np.ndarray]
@@ -56,21 +62,36 @@ class Case:
         return dataclasses.asdict(self)
 
 
-def sweep(quick: bool = False, seeds: Sequence[int] | None = None) -> list[Case]:
-    """The cases: each (batch, steps, lengths, state) of the sweep for each seed."""
+def sweep(
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    lengths: bool = True,
+    state: bool = True,
+) -> list[Case]:
+    """The cases: each (batch, steps, lengths, state) of the sweep for each seed.
+
+    lengths, state: whether the model takes them (a whole model may take neither); without,
+    every case's sequences are whole ("full") and no state is given ("zeros").
+    """
     table = QUICK_SWEEP if quick else THOROUGH_SWEEP
     seeds = list(seeds if seeds is not None else (QUICK_SEEDS if quick else THOROUGH_SEEDS))
-    cases = [(seed, *spec) for seed in seeds for spec in table]
+    cases = [
+        (seed, b, t, pattern if lengths else "full", start if state else "zeros")
+        for seed in seeds
+        for b, t, pattern, start in table
+    ]
     return [Case(i, *c) for i, c in enumerate(cases)]
 
 
-def make_inputs(case: Case, config: LSTMConfig) -> Arrays:
-    """The case's four inputs, a function of (case.seed, batch, steps, lengths, state) alone."""
-    key = [case.seed, case.batch, case.steps, *map(ord, case.lengths + case.state)]
-    rng = np.random.default_rng(key)
+def _rng(case: Case) -> np.random.Generator:
+    """The case's generator: its inputs are a function of (seed, batch, steps, lengths, state)."""
+    return np.random.default_rng(
+        [case.seed, case.batch, case.steps, *map(ord, case.lengths + case.state)]
+    )
+
+
+def _lengths(case: Case, rng: np.random.Generator) -> np.ndarray:
     b, t = case.batch, case.steps
-    states = config.num_layers * config.num_directions
-    x = INPUT_SCALE * rng.standard_normal((b, t, config.input_size))
     if case.lengths == "full":
         lengths = np.full(b, t)
     elif case.lengths == "equal":
@@ -82,18 +103,65 @@ def make_inputs(case: Case, config: LSTMConfig) -> Arrays:
         lengths[rng.integers(b)] = t
     else:
         raise ValueError(f"unknown lengths pattern {case.lengths!r}")
-    h_shape = (b, states, config.real_hidden_size)
-    c_shape = (b, states, config.hidden_size)
-    if case.state == "random":
-        h0, c0 = np.tanh(rng.standard_normal(h_shape)), rng.standard_normal(c_shape)
-    else:
-        h0, c0 = np.zeros(h_shape), np.zeros(c_shape)
-    return {
-        INPUT: x.astype(np.float32),
-        LENGTHS: lengths.astype(np.int64),
-        H0: h0.astype(np.float32),
-        C0: c0.astype(np.float32),
-    }
+    return lengths.astype(np.int64)
+
+
+def _state(case: Case, rng: np.random.Generator, shape: tuple[int, ...], h: bool) -> np.ndarray:
+    """An initial h (tanh(N(0, 1)): an LSTM's h is in (-1, 1)) or c (N(0, 1)), or zeros."""
+    if case.state == "zeros":
+        return np.zeros(shape, np.float32)
+    x = rng.standard_normal(shape)
+    return (np.tanh(x) if h else x).astype(np.float32)
+
+
+def make_inputs(case: Case, config: LSTMConfig) -> Arrays:
+    """An LSTM bundle's four inputs, a function of (case.seed, batch, steps, lengths, state)."""
+    rng = _rng(case)
+    b, t = case.batch, case.steps
+    states = config.num_layers * config.num_directions
+    x = INPUT_SCALE * rng.standard_normal((b, t, config.input_size))
+    lengths = _lengths(case, rng)
+    h0 = _state(case, rng, (b, states, config.real_hidden_size), h=True)
+    c0 = _state(case, rng, (b, states, config.hidden_size), h=False)
+    return {INPUT: x.astype(np.float32), LENGTHS: lengths, H0: h0, C0: c0}
+
+
+def model_inputs(case: Case, info: ModelInfo, axes: Mapping[str, int]) -> Arrays:
+    """A whole model's inputs, by its signature, a function of the case alone.
+
+    axes: the sizes of named axes other than batch and sequence (the manifest's model.axes).
+    """
+    rng = _rng(case)
+    sizes = {**axes, BATCH: case.batch, SEQUENCE: case.steps}
+    h0s = {s.h0 for s in info.state}
+    c0s = {s.c0 for s in info.state}
+    found: Arrays = {}
+    for spec in info.signature.inputs:
+        missing = [d for d in spec.shape if isinstance(d, str) and d not in sizes]
+        if missing:
+            raise BundleError(
+                f"input {spec.name!r} has the axis {missing[0]!r}, whose size the manifest's "
+                "model.axes does not give; re-export the bundle"
+            )
+        shape = spec.concrete(sizes)
+        if spec.name == info.lengths:
+            value = _lengths(case, rng)
+        elif spec.name in h0s or spec.name in c0s:
+            value = _state(case, rng, shape, h=spec.name in h0s)
+        elif spec.name in info.ranges:
+            low, high = info.ranges[spec.name]
+            value = rng.integers(low, high, shape)
+        elif spec.dtype == "bool":
+            value = rng.integers(0, 2, shape).astype(bool)
+        elif spec.dtype.startswith("float"):
+            value = INPUT_SCALE * rng.standard_normal(shape)
+        else:
+            raise BundleError(
+                f"input {spec.name!r} is {spec.dtype} without a range of values in the manifest "
+                "(model.ranges); re-export it with input_ranges"
+            )
+        found[spec.name] = np.asarray(value).astype(spec.dtype)
+    return found
 
 
 def padding_mask(lengths: np.ndarray, steps: int) -> np.ndarray:

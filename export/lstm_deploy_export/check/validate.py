@@ -1,14 +1,17 @@
 """Check every artifact of a bundle on every runtime against two references, over a sweep.
 
 The rows are the runtime registry's (`runtimes.RUNTIMES`, bench's references left out); the
-references are `references.References`; the cases `sweep.sweep`. Each row's outputs must hold
+references are `references.References` (an LSTM bundle) or `references.ModelReferences` (a
+whole-model bundle: the user's module, converted and with torch.nn.LSTMs); the cases
+`sweep.sweep`, their inputs built from the bundle's signature. Each row's outputs must hold
 elementwise against both references:
 
     |actual - reference| <= atol + rtol * |reference| + f32_factor * eps32
 
-where eps32 is torch.nn.LSTM's own float32 error on that case (max over the outputs). `output` at
-padded steps must be exactly 0. The result is a `report.Report`: rows, typed failures, every
-number; `render` writes it.
+where eps32 is torch.nn.LSTM's own float32 error on that case (max over the outputs). An LSTM
+bundle's `output` at padded steps must be exactly 0 (a whole model's head may well make them
+nonzero: its padded steps are judged against the references like the others). The result is a
+`report.Report`: rows, typed failures, every number; `render` writes it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from lstm_deploy.bundle import LENGTHS, OUTPUT, Bundle, load_bundle
+from lstm_deploy.bundle import LENGTHS, OUTPUT, Bundle, BundleError, Signature, load_bundle
 from lstm_deploy.versions import installed
 from lstm_deploy_export.check import render
 from lstm_deploy_export.check.compare import (
@@ -37,7 +41,7 @@ from lstm_deploy_export.check.compare import (
     Tolerance,
     compare,
 )
-from lstm_deploy_export.check.references import References
+from lstm_deploy_export.check.references import ModelReferences, References
 from lstm_deploy_export.check.report import (
     ERROR,
     FAILED,
@@ -56,7 +60,7 @@ from lstm_deploy_export.check.report import (
 )
 from lstm_deploy_export.check.runners import Arrays, Context, Runner, Unavailable
 from lstm_deploy_export.check.runtimes import RUNTIMES, Runtime
-from lstm_deploy_export.check.sweep import Case, make_inputs, padding_mask, sweep
+from lstm_deploy_export.check.sweep import Case, make_inputs, model_inputs, padding_mask, sweep
 from lstm_deploy_export.export.writer import load_model
 
 __all__ = ["TOLERANCES", "compare", "validate"]
@@ -78,6 +82,7 @@ def validate(
     report_dir: str | Path | None = None,
     progress: bool = False,
     write: bool = True,
+    model: nn.Module | str | None = None,
 ) -> Report:
     """Run the sweep on every row and return the report (written unless `write` is False).
 
@@ -92,9 +97,15 @@ def validate(
         seeds: the sweep's seeds (default 0 for quick, 0,1,2 otherwise).
         report_dir: where report.json and report.md go (default: the bundle).
         progress: a progress bar (and the C++ build's messages) on stderr.
+        write: write report.json, report.md and the manifest's parity.
+        model: a whole-model bundle's model, as the user wrote it (its weights come from the
+            bundle): the module, or "package.module:function" that makes it; default the
+            factory that the manifest records. Not for an LSTM bundle.
 
     Raises:
-        BundleError: the bundle cannot be loaded or verified.
+        BundleError: the bundle cannot be loaded or verified, or a whole model's module cannot
+            be had (no factory recorded and no `model`; the weights do not fit it).
+        ExportError: `model` (or the recorded factory) names nothing importable.
         OSError: the report or the manifest cannot be written.
     """
     from tqdm import tqdm
@@ -106,11 +117,19 @@ def validate(
     given = {"atol": atol, "rtol": rtol, "f32_factor": f32_factor}
     overrides = {k: v for k, v in given.items() if v is not None}
     tolerances = {k: dataclasses.replace(t, **overrides) for k, t in TOLERANCES.items()}
-    cases = sweep(quick, seeds)
-    sig = bundle.signature
-    references = References(load_model(bundle), sig)
+    sig, info = bundle.signature, bundle.info
+    user_model = _user_model(bundle, model)
+    if user_model is None:
+        cases = sweep(quick, seeds)
+        references: References = References(load_model(bundle), sig)
+    else:
+        cases = sweep(quick, seeds, lengths=info.lengths is not None, state=bool(info.state))
+        references = ModelReferences(user_model, info)
+    axes = (bundle.manifest["model"].get("axes") or {}) if bundle.whole else {}
     say = (lambda line: print(line, file=sys.stderr)) if progress else None
-    context = Context(cpp=cpp, triton=triton, triton_python=triton_python, say=say)
+    context = Context(
+        cpp=cpp, triton=triton, triton_python=triton_python, say=say, model=user_model
+    )
     entries = [r for r in RUNTIMES if not r.reference and (tf32 or r.precision != TF32)]
     checks: list[dict[str, Any]] = []
     failures: list[Failure] = []
@@ -124,17 +143,20 @@ def validate(
         )  # fmt: skip
         with _one_thread(), bar:
             for case in cases:
-                inputs = make_inputs(case, bundle.config)
-                refs, eps32, check = _references(references, inputs, case)
+                if bundle.whole:
+                    inputs, pad = model_inputs(case, info, axes), None
+                else:
+                    inputs = make_inputs(case, bundle.config)
+                    pad = padding_mask(inputs[LENGTHS], case.steps)
+                refs, eps32, check = _references(references, inputs, case, pad)
                 checks.append(check)
                 failures += check.pop("failures")
-                pad = padding_mask(inputs[LENGTHS], case.steps)
                 for runner, row in active:
                     bar.set_postfix_str(
                         f"T={case.steps} B={case.batch} {row.runtime} {row.artifact}"
                     )
                     assert row.tolerance is not None
-                    result = _run_case(runner, inputs, case, refs, row.tolerance, eps32, pad)
+                    result = _run_case(runner, sig, inputs, case, refs, row.tolerance, eps32, pad)
                     row.results.append(result)
                     bar.update()
 
@@ -150,16 +172,31 @@ def validate(
         quick=quick,
         outputs=sig.output_names,
         cases=cases,
-        policy=_policy(tolerances, bool(overrides)),
+        policy=_policy(tolerances, bool(overrides), bundle.whole),
         references=checks,
         rows=rows,
         failures=failures,
         versions=_versions(),
+        whole=bundle.whole,
     )
     report.duration_s = time.perf_counter() - started
     if write:
         _write(report, bundle, Path(report_dir) if report_dir is not None else bundle.path)
     return report
+
+
+def _user_model(bundle: Bundle, model: nn.Module | str | None) -> nn.Module | None:
+    """A whole-model bundle's module, as the user wrote it, with the bundle's weights."""
+    if not bundle.whole:
+        if model is not None:
+            raise BundleError(
+                f"{bundle.path} is an LSTM bundle: its model is its weights; --module (model=) "
+                "is for whole-model bundles (export_model)"
+            )
+        return None
+    from lstm_deploy_export.export.whole import load_whole_model
+
+    return load_whole_model(bundle, model)
 
 
 def _load(
@@ -184,13 +221,12 @@ def _load(
 
 
 def _references(
-    references: References, inputs: Arrays, case: Case
+    references: References, inputs: Arrays, case: Case, pad: np.ndarray | None
 ) -> tuple[dict[str, Arrays], float, dict[str, Any]]:
     """Both references on the case, the case's eps32, and whether the references agree."""
     oracle = references.run_oracle(inputs)
     nn64 = references.run_torch(inputs, torch.float64)
     eps32, f32_errors = references.eps32(inputs, oracle)
-    pad = padding_mask(inputs[LENGTHS], case.steps)
     agree = {
         o: compare(nn64[o], oracle[o], REFERENCE_TOLERANCE, eps32, pad if o == OUTPUT else None)
         for o in oracle
@@ -233,12 +269,13 @@ def _one_thread() -> Iterator[None]:
 
 def _run_case(
     run: Callable[[Arrays], Arrays],
+    sig: Signature,
     inputs: Arrays,
     case: Case,
     refs: dict[str, Arrays],
     tolerance: Tolerance,
     eps32: float,
-    pad: np.ndarray,
+    pad: np.ndarray | None,
 ) -> CaseResult:
     t0 = time.perf_counter()
     try:
@@ -252,12 +289,14 @@ def _run_case(
         )
     seconds = time.perf_counter() - t0
     oracle = refs[ORACLE]
-    for o in oracle:
-        got = out.get(o)
-        if got is None or got.shape != oracle[o].shape or got.dtype != np.float32:
+    for spec in sig.outputs:
+        o, got = spec.name, out.get(spec.name)
+        if got is None or got.shape != oracle[o].shape or got.dtype != np.dtype(spec.dtype):
             what = "missing" if got is None else f"{got.dtype} {list(got.shape)}"
             return CaseResult(
-                case.id, seconds, error=f"{o} is {what}, expected float32 {list(oracle[o].shape)}"
+                case.id,
+                seconds,
+                error=f"{o} is {what}, expected {spec.dtype} {list(oracle[o].shape)}",
             )
     metrics = {
         o: {
@@ -329,7 +368,7 @@ def _versions() -> dict[str, Any]:
     return found
 
 
-def _policy(tolerances: dict[str, Tolerance], overridden: bool) -> dict[str, Any]:
+def _policy(tolerances: dict[str, Tolerance], overridden: bool, whole: bool) -> dict[str, Any]:
     applies = {
         p: ", ".join(
             dict.fromkeys(r.name for r in RUNTIMES if r.precision == p and not r.reference)
@@ -339,11 +378,13 @@ def _policy(tolerances: dict[str, Tolerance], overridden: bool) -> dict[str, Any
     return {
         "rule": "elementwise |actual - reference| <= atol + rtol*|reference| + f32_factor*eps32, "
         "against each reference",
-        "references": "oracle: the scratch module in float64 (weights.safetensors); nn.LSTM: "
-        "torch.nn.LSTM in float64, same weights, pack_padded_sequence(enforce_sorted=False)",
+        "references": _WHOLE_REFERENCES if whole else _LSTM_REFERENCES,
         "eps32": "per case: max abs error of torch.nn.LSTM in float32 against the oracle, the max "
         "over the outputs",
-        "padding": "output at t >= length must be exactly 0",
+        "padding": "not checked apart: a head after the LSTMs may make padded steps nonzero; they "
+        "are compared with the references like every other value"
+        if whole
+        else "output at t >= length must be exactly 0",
         "max_rel": f"|Δ| / max(|reference|, {REL_FLOOR:g})",
         "p99_abs": "nearest-rank 99th percentile of |Δ| in a case; a row's is the max over cases",
         "mean_abs": "mean |Δ| in a case; a row's is weighted by element count",
@@ -359,6 +400,18 @@ def _policy(tolerances: dict[str, Tolerance], overridden: bool) -> dict[str, Any
             for name, tol in tolerances.items()
         },
     }
+
+
+_LSTM_REFERENCES = (
+    "oracle: the scratch module in float64 (weights.safetensors); nn.LSTM: torch.nn.LSTM in "
+    "float64, same weights, pack_padded_sequence(enforce_sorted=False)"
+)
+_WHOLE_REFERENCES = (
+    "oracle: the user's module (weights.safetensors) with its LSTMs converted to "
+    "lstm_deploy.LSTM, in float64; nn.LSTM: the same module with torch.nn.LSTMs (its own, or "
+    "ours replaced, same weights, lengths by pack_padded_sequence(enforce_sorted=False)), in "
+    "float64; a streamable model's state in and out through forward hooks on each LSTM"
+)
 
 
 def _write(report: Report, bundle: Bundle, directory: Path) -> None:

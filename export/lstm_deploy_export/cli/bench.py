@@ -183,6 +183,12 @@ def _bundles(args: argparse.Namespace, grid: dict[str, list[int]]) -> Iterator[d
             bundle = load_bundle(args.bundle)
         except BundleError as e:
             raise UsageError(str(e)) from None
+        if bundle.whole:
+            raise UsageError(
+                f"{bundle.path} is a whole-model bundle; bench times an LSTM against "
+                "torch.nn.LSTM over its grid, on LSTM bundles (lstm-deploy export --weights, "
+                "--checkpoint or --demo)"
+            )
         hidden = bundle.config.hidden_size
         if args.hidden and args.hidden != [hidden]:
             raise UsageError(f"--hidden: the bundle's hidden size is {hidden}, not {args.hidden}")

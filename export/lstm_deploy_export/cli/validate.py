@@ -17,6 +17,14 @@ where eps32 is torch.nn.LSTM's own float32 error on that case (max over the outp
 itself loses on this model and input (it grows with T for long-memory models). `output` at padded
 steps must be exactly 0.
 
+A whole-model bundle (export_model, or export --module: a user's module with LSTMs inside) is
+compared with that module, rebuilt with the bundle's weights, in float64: with its LSTMs converted
+(the oracle) and with torch.nn.LSTMs (lengths by pack_padded_sequence). The module comes from
+--module package.module:function, default the factory its manifest records. Its inputs are drawn
+from its signature: token ids in their declared range, lengths where it declares them, each
+LSTM's state where it is streamable. Padded steps are not required to be 0 (a head after the LSTMs
+may make them nonzero); they are compared like the others.
+
 report.json and report.md go into the bundle (or --report DIR); manifest.json's "parity" is updated.
 Exit status: 0 all passed, 1 any failure (all are listed), 2 usage error.
 """
@@ -82,13 +90,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write report.json and report.md here (default: the bundle)",
     )
+    parser.add_argument(
+        "--module",
+        metavar="PACKAGE.MODULE:FUNCTION",
+        help="a whole-model bundle's model: a function (or class) that returns the nn.Module, "
+        "loaded with the bundle's weights (default: the factory in its manifest)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
     """`lstm-deploy validate`: 0 all passed, 1 any failure, 2 usage error."""
+    from lstm_deploy import ConversionError
     from lstm_deploy_export.check import render
     from lstm_deploy_export.check.validate import validate
+    from lstm_deploy_export.export.graphs import ExportError
 
     try:
         bundle = load_bundle(args.bundle)
@@ -108,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             report_dir=args.report,
             progress=not args.no_progress and sys.stderr.isatty(),
+            model=args.module,
         )
+    except (BundleError, ExportError, ConversionError) as e:  # the model cannot be had (--module)
+        raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot write the report: {e}") from None
     print(render.table(report))

@@ -379,6 +379,8 @@ def load_whole_model(bundle: Bundle, module: str | nn.Module | None = None) -> n
             "Python); pass the model (validate(..., model=...)) or --module package.module:function"
         )
     model = load_factory(spec)() if isinstance(spec, str) else copy.deepcopy(spec)
+    if not isinstance(model, nn.Module):
+        raise BundleError(f"{spec}: returned a {type(model).__name__}, not an nn.Module")
     try:
         load_model(model, str(bundle.file(WEIGHTS)), strict=True)
     except RuntimeError as e:
