@@ -11,7 +11,8 @@ The model is plain PyTorch (torch.nn.LSTM); export converts it (lstm_deploy.conv
 
     python -m examples.detector train --out detector.safetensors        # a few seconds
     lstm-deploy export --module examples.detector:make_model --weights detector.safetensors \\
-        --example features=1x50x20 --output-names speech --streamable --out detector-bundle
+        --example features=1x50x20 --output-names speech --streamable \\
+        --artifacts torchscript,onnx,scan --out detector-bundle
     lstm-deploy validate detector-bundle --quick
     lstm-deploy serve detector-bundle
     python -m examples.detector stream --chunk 25                        # tritonclient, gRPC

@@ -12,7 +12,7 @@ torch.nn.LSTM (validate checks it against exactly that), in a form that scripts 
     python -m examples.tagger train --out tagger.safetensors            # a few seconds
     lstm-deploy export --module examples.tagger:make_model --weights tagger.safetensors \\
         --example tokens=1x16:int64:0:100 --example lengths=1:int64 \\
-        --output-names logits --out tagger-bundle
+        --output-names logits --artifacts torchscript,onnx,scan --out tagger-bundle
     lstm-deploy validate tagger-bundle --quick
     lstm-deploy serve tagger-bundle
     python -m examples.tagger query "12 57 3 88 41"                      # tritonclient, HTTP
