@@ -11,16 +11,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lstm_deploy.bundle import BATCH, SEQUENCE, Signature, StateSpec
+from lstm_deploy.bundle import BATCH, SEQUENCE, Signature, StateSpec, TensorSpec
 from lstm_deploy.model import LSTM
 from lstm_deploy_export.export.graphs import ExportError
-from lstm_deploy_export.export.taps import Flat
+from lstm_deploy_export.export.taps import Flat, _running, _where, _why
 
 # The sizes the graphs are captured at, and the second probe that tells each output axis's origin:
 # neither 0 nor 1 (torch.export specializes those), and every size differs from every other.
@@ -249,3 +249,54 @@ def check_streamable(flat: Flat, plan: Plan, sig: Signature) -> None:
                 f"differs from one run by {worst:.2g} (its head mixes time steps, or the model "
                 "passes its own hx); streamable=False"
             )
+
+
+def with_state(plan: Plan, state: Sequence[StateSpec], lstms: Sequence[tuple[str, LSTM]]) -> Plan:
+    """The plan with each LSTM's state inputs (streamable models) after the model's own:
+    float32 [batch, L * D, H_out] and [batch, L * D, hidden_size], batch first."""
+    names, dtypes = list(plan.names), dict(plan.dtypes)
+    shapes, axes = dict(plan.shapes), dict(plan.axes)
+    for s, (_, m) in zip(state, lstms, strict=False):
+        d = m.num_layers * (2 if m.bidirectional else 1)
+        for name, size in ((s.h0, m.proj_size or m.hidden_size), (s.c0, m.hidden_size)):
+            names.append(name)
+            dtypes[name], shapes[name], axes[name] = torch.float32, (1, d, size), {0: BATCH}
+    return dataclasses.replace(plan, names=names, dtypes=dtypes, shapes=shapes, axes=axes)
+
+
+def signature(
+    flat: Flat,
+    plan: Plan,
+    state: Sequence[StateSpec],
+    output_names: Sequence[str] | None,
+    dynamic_axes: Mapping[Any, Mapping[int, str]] | None,
+) -> Signature:
+    """The bundle's signature: `plan`'s inputs (with_state's), and the outputs of `flat` (the
+    model behind it, eager) run at the capture sizes: dtypes, names (the state outputs last)
+    and shapes whose axes are named after the input axes they follow (`output_axes`)."""
+    inputs = tuple(
+        TensorSpec(n, DTYPES[plan.dtypes[n]],
+                   tuple(plan.axes[n].get(i, d) for i, d in enumerate(plan.shapes[n])))
+        for n in plan.names
+    )  # fmt: skip
+    with _running(flat) as stack, torch.no_grad():
+        try:
+            results = flat(*plan.inputs(plan.sizes(CAPTURE)))
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(
+                f"the model fails on its example inputs in {_where(flat, stack)}: {_why(e)}"
+            ) from e
+    n_model = len(results) - 2 * len(state)
+    names = list(output_names or [f"output{i}" for i in range(n_model)])
+    if len(names) != n_model:
+        raise ExportError(
+            f"output_names has {len(names)} names; the model returns {n_model} tensors"
+        )
+    names += state_names(list(state), "out")
+    shapes = output_axes(flat, plan, len(results), output_axes_by_index(dynamic_axes, names))
+    outputs = [TensorSpec(n, torch_dtype_name(t), s) for n, t, s in zip(names, results, shapes)]
+    sig = Signature(inputs, tuple(outputs))
+    Signature.from_json(sig.to_json())  # names unique, dtypes known
+    return sig

@@ -20,7 +20,6 @@ names the submodule that was running when the capture failed.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib
 import os
 import sys
@@ -34,7 +33,6 @@ from torch import Tensor, nn
 from lstm_deploy import convert
 from lstm_deploy.bundle import (
     AOTI,
-    BATCH,
     FORMAT_VERSION,
     INT8_ONNX,
     MANIFEST,
@@ -46,8 +44,6 @@ from lstm_deploy.bundle import (
     Bundle,
     BundleError,
     ModelInfo,
-    Signature,
-    TensorSpec,
     file_entry,
 )
 from lstm_deploy.versions import installed, package_version
@@ -59,23 +55,17 @@ from lstm_deploy_export.export.exporters import (
 from lstm_deploy_export.export.graphs import DeployLSTM, ExportError
 from lstm_deploy_export.export.plan import (
     CAPTURE,
-    DTYPES,
     check_streamable,
     make_plan,
     other_axis_sizes,
-    output_axes,
-    output_axes_by_index,
-    state_names,
+    signature,
     state_specs,
-    torch_dtype_name,
+    with_state,
 )
 from lstm_deploy_export.export.quantize import quantize_onnx
 from lstm_deploy_export.export.taps import (
     Flat,
     _lstms,
-    _running,
-    _where,
-    _why,
     tapped,
     write_onnx,
     write_torchscript,
@@ -165,52 +155,8 @@ def export_model(
     # The signature: inputs from the plan, outputs from running the model (eager) at two sizes.
     eager, taps = tapped(model, lambda m: DeployLSTM(m).eval())
     flat = Flat(eager, taps, len(plan.names), stateful=bool(state)).eval()
-    n_user = len(plan.names)
-    in_specs = [
-        TensorSpec(n, DTYPES[plan.dtypes[n]],
-                   tuple(plan.axes[n].get(i, d) for i, d in enumerate(plan.shapes[n])))
-        for n in plan.names
-    ]  # fmt: skip
-    for s, (_, m) in zip(state, lstms):
-        d = m.num_layers * (2 if m.bidirectional else 1)
-        h_out = m.proj_size or m.hidden_size
-        in_specs += [TensorSpec(s.h0, "float32", (BATCH, d, h_out)),
-                     TensorSpec(s.c0, "float32", (BATCH, d, m.hidden_size))]  # fmt: skip
-    plan_all = dataclasses.replace(
-        plan,
-        names=[t.name for t in in_specs],
-        dtypes={**plan.dtypes, **{n: torch.float32 for n in state_names(state, "in")}},
-        shapes={
-            **plan.shapes,
-            **{
-                t.name: tuple(1 if isinstance(x, str) else x for x in t.shape)
-                for t in in_specs[n_user:]
-            },
-        },
-        axes={**plan.axes, **{t.name: {0: BATCH} for t in in_specs[n_user:]}},
-    )
-    with _running(flat) as stack, torch.no_grad():
-        try:
-            results = flat(*plan_all.inputs(plan_all.sizes(CAPTURE)))
-        except ExportError:
-            raise
-        except Exception as e:
-            raise ExportError(f"the model fails on its example inputs in {_where(flat, stack)}: "
-                              f"{_why(e)}") from e  # fmt: skip
-    n_model = len(results) - 2 * len(state)
-    names = (
-        list(output_names) if output_names is not None else [f"output{i}" for i in range(n_model)]
-    )
-    if len(names) != n_model:
-        raise ExportError(
-            f"output_names has {len(names)} names; the model returns {n_model} tensors"
-        )
-    names += state_names(state, "out")
-    named_axes = output_axes_by_index(dynamic_axes, names)
-    shapes = output_axes(flat, plan_all, len(results), named_axes)
-    out_specs = [TensorSpec(n, torch_dtype_name(t), s) for n, t, s in zip(names, results, shapes)]
-    sig = Signature(tuple(in_specs), tuple(out_specs))
-    Signature.from_json(sig.to_json())  # names unique, dtypes known
+    plan_all = with_state(plan, state, lstms)
+    sig = signature(flat, plan_all, state, output_names, dynamic_axes)
     if state:
         check_streamable(flat, plan_all, sig)
 
@@ -229,7 +175,7 @@ def export_model(
         say(f"exporting {filename}")
         if kind == "torchscript":
             written[filename], how = write_torchscript(
-                model, n_user, bool(state), args, out_dir / filename
+                model, len(plan.names), bool(state), args, out_dir / filename
             )
             say(f"  {filename}: {how}")
             continue
