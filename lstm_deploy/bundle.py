@@ -39,6 +39,7 @@ from lstm_deploy.signature import (
     MANIFEST,
     OUTPUT,
     SEQUENCE,
+    TRITON_DTYPES,
     BundleError,
     Dim,
     ModelInfo,
@@ -55,7 +56,8 @@ from lstm_deploy.signature import (
 __all__ = [
     "AOTI", "ARTIFACTS", "BATCH", "C0", "CN", "DTYPES", "FORMAT_VERSION", "H0", "HN", "INPUT",
     "INT8_ONNX", "KSERVE_DIR", "LENGTHS", "LSTM_INPUTS", "LSTM_OUTPUTS", "LSTM_STATE", "MANIFEST",
-    "ONNX", "OUTPUT", "REPORTS", "SCAN_ONNX", "SEQUENCE", "TORCHSCRIPT", "TRITON_DIR", "WEIGHTS",
+    "ONNX", "OUTPUT", "REPORTS", "SCAN_ONNX", "SEQUENCE", "TORCHSCRIPT", "TRITON_DIR",
+    "TRITON_DTYPES", "WEIGHTS",
     "Bundle", "BundleError", "Dim", "ModelInfo", "Signature", "StateSpec", "TensorSpec",
     "check_manifest", "file_entry", "load_bundle", "lstm_info", "lstm_signature", "sha256",
 ]  # fmt: skip

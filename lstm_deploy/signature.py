@@ -26,6 +26,17 @@ LSTM_INPUTS = (INPUT, LENGTHS, H0, C0)
 LSTM_OUTPUTS = (OUTPUT, HN, CN)
 
 DTYPES = frozenset({"float16", "float32", "float64", "int8", "int32", "int64", "uint8", "bool"})
+# Each dtype's enum in a Triton model config (the manifest's "triton" configs, config.pbtxt).
+TRITON_DTYPES = {
+    "float16": "TYPE_FP16",
+    "float32": "TYPE_FP32",
+    "float64": "TYPE_FP64",
+    "int8": "TYPE_INT8",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "uint8": "TYPE_UINT8",
+    "bool": "TYPE_BOOL",
+}
 
 Dim = int | str  # an int is fixed, a str names a dynamic axis
 

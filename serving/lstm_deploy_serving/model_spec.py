@@ -35,6 +35,7 @@ from lstm_deploy.bundle import (
     INT8_ONNX,
     MANIFEST,
     ONNX,
+    TRITON_DTYPES,
     Bundle,
     BundleError,
     ModelInfo,
@@ -48,17 +49,6 @@ from .batching import Layout
 
 TRITON_MODEL = "lstm_python"  # the key of the served model's config in manifest["triton"]
 SERVED_ARTIFACTS = (ONNX, INT8_ONNX)  # the graphs `serve --artifact` runs, one signature
-# Triton's model-config enum of each manifest dtype (what export/triton.py writes).
-_CONFIG_TYPES = {
-    "float16": "TYPE_FP16",
-    "float32": "TYPE_FP32",
-    "float64": "TYPE_FP64",
-    "int8": "TYPE_INT8",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "uint8": "TYPE_UINT8",
-    "bool": "TYPE_BOOL",
-}
 # Triton's wire datatype of a config data_type: the enum without its prefix, but for strings.
 _WIRE_TYPES = {"TYPE_STRING": "BYTES"}
 
@@ -220,7 +210,7 @@ def _config_differences(sig: ModelSpec, config: dict[str, Any]) -> list[str]:
         for spec, entry in zip(specs, entries, strict=True):
             dims = (entry.get("reshape") or {}).get("shape", entry.get("dims"))
             dtype = entry.get("data_type")
-            if dtype != _CONFIG_TYPES.get(spec.dtype) or dims != spec.wire_shape[1:]:
+            if dtype != TRITON_DTYPES.get(spec.dtype) or dims != spec.wire_shape[1:]:
                 problems.append(
                     f"{key} '{spec.name}': signature {_text(spec)}, {where} "
                     f"{dtype} dims {entry.get('dims')}"

@@ -9,6 +9,7 @@ import logging
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -102,19 +103,20 @@ def export_onnx(model: LSTM, path: str | Path, kind: str = "lstm") -> Path:
             opset_version=OPSET,
             verbose=False,
         )
+    props = {"lstm_deploy.config": json.dumps(model.config.to_dict()), "lstm_deploy.graph": kind}
+    return save_onnx(program, sig, path, props)
+
+
+def save_onnx(program: Any, sig: Signature, path: str | Path, props: dict[str, str]) -> Path:
+    """Write torch.onnx.export's `program` to `path`: unused constants dropped, the dynamic axes
+    named as `sig` names them, lstm-deploy's version and `props` as metadata, checked
+    (`check_onnx`)."""
     if program is None:  # only with dynamo=False; named here for the type checker
         raise ExportError(f"torch.onnx.export returned no program for {path}")
     proto = program.model_proto
     _drop_unused_initializers(proto)
     _name_dynamic_axes(proto, sig)
-    onnx.helper.set_model_props(
-        proto,
-        {
-            "lstm_deploy.version": package_version(),
-            "lstm_deploy.config": json.dumps(model.config.to_dict()),
-            "lstm_deploy.graph": kind,
-        },
-    )
+    onnx.helper.set_model_props(proto, {"lstm_deploy.version": package_version(), **props})
     check_onnx(proto)
     onnx.save(proto, str(path))
     return Path(path)

@@ -19,21 +19,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from torch import Tensor, nn
 
 from lstm_deploy._ready import make_ready
 from lstm_deploy.bundle import Signature
 from lstm_deploy.model import LSTM
-from lstm_deploy.versions import package_version
-from lstm_deploy_export.export.exporters import (
-    OPSET,
-    _drop_unused_initializers,
-    _name_dynamic_axes,
-    _quiet_exporter,
-    check_onnx,
-)
+from lstm_deploy_export.export.exporters import OPSET, _quiet_exporter, save_onnx
 from lstm_deploy_export.export.graphs import DeployLSTM, ExportError, NativeOnnxLSTM, ScanOnnxLSTM
 
 __all__ = ["Flat", "Tap", "flatten", "tapped", "write_onnx", "write_torchscript"]
@@ -257,17 +249,7 @@ def write_onnx(
             opset_version=OPSET,
             verbose=False,
         )
-    if onnx_program is None:
-        raise ExportError(f"torch.onnx.export returned no program for {path}")
-    proto = onnx_program.model_proto
-    _drop_unused_initializers(proto)
-    _name_dynamic_axes(proto, sig)
-    onnx.helper.set_model_props(
-        proto, {"lstm_deploy.version": package_version(), "lstm_deploy.graph": kind}
-    )
-    check_onnx(proto)
-    onnx.save(proto, str(path))
-    return path
+    return save_onnx(onnx_program, sig, path, {"lstm_deploy.graph": kind})
 
 
 def write_torchscript(

@@ -40,6 +40,7 @@ from lstm_deploy.bundle import (
     ONNX,
     SEQUENCE,
     TORCHSCRIPT,
+    TRITON_DTYPES,
     ModelInfo,
     Signature,
     TensorSpec,
@@ -67,16 +68,6 @@ KSERVE_TRITON_VERSION = "24.10-py3"
 PYTHON_MODEL_SOURCE = "triton_model.py"
 SERVING_MODULES = ("batching.py", "errors.py", "sequences.py")
 MODEL_INFO_PARAMETER = "model_info"  # the python models' ModelInfo, as JSON
-_TRITON_TYPES = {
-    "float16": "TYPE_FP16",
-    "float32": "TYPE_FP32",
-    "float64": "TYPE_FP64",
-    "int8": "TYPE_INT8",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "uint8": "TYPE_UINT8",
-    "bool": "TYPE_BOOL",
-}
 _ENUM_FIELDS = frozenset({"data_type", "kind"})
 _MAP_FIELDS = frozenset({"parameters"})  # protobuf maps: `key` and `value` in text format
 
@@ -85,7 +76,7 @@ def _tensor(spec: TensorSpec, name: str | None = None) -> dict[str, Any]:
     # With max_batch_size > 0 Triton's dims leave out the batch axis; dynamic axes are -1.
     assert spec.shape[0] == BATCH, spec
     dims = spec.wire_shape[1:]
-    entry: dict[str, Any] = {"name": name or spec.name, "data_type": _TRITON_TYPES[spec.dtype]}
+    entry: dict[str, Any] = {"name": name or spec.name, "data_type": TRITON_DTYPES[spec.dtype]}
     if dims:
         entry["dims"] = dims
     else:  # a [batch] tensor: Triton needs non-empty dims, so [1] reshaped away

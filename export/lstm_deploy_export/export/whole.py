@@ -33,25 +33,16 @@ from torch import Tensor, nn
 from lstm_deploy import convert
 from lstm_deploy.bundle import (
     AOTI,
-    FORMAT_VERSION,
     INT8_ONNX,
-    MANIFEST,
     ONNX,
     SCAN_ONNX,
     TORCHSCRIPT,
-    TRITON_DIR,
     WEIGHTS,
     Bundle,
     BundleError,
     ModelInfo,
-    file_entry,
 )
-from lstm_deploy.versions import installed, package_version
 from lstm_deploy.weights import check_finite
-from lstm_deploy_export.export import triton
-from lstm_deploy_export.export.exporters import (
-    OPSET,
-)
 from lstm_deploy_export.export.graphs import DeployLSTM, ExportError
 from lstm_deploy_export.export.plan import (
     CAPTURE,
@@ -70,7 +61,7 @@ from lstm_deploy_export.export.taps import (
     write_onnx,
     write_torchscript,
 )
-from lstm_deploy_export.export.writer import _prepare, parse_artifacts
+from lstm_deploy_export.export.writer import _prepare, parse_artifacts, write_bundle
 
 __all__ = ["export_model", "load_factory", "load_state_dict", "load_whole_model"]
 
@@ -200,35 +191,8 @@ def export_model(
     info = ModelInfo(
         sig, plan.lengths, plan.ranges, tuple(state), streamable=bool(state), whole=True
     )
-    say(f"writing {TRITON_DIR}/")
-    configs = triton.write_repository(
-        out_dir / TRITON_DIR,
-        info,
-        written.get(ONNX),
-        written.get(TORCHSCRIPT),
-        int8_model=written.get(INT8_ONNX),
-    )
-    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "versions": {
-            "lstm_deploy": package_version(),
-            "python": sys.version.split()[0],
-            "torch": installed("torch"),
-            "onnx": installed("onnx"),
-            "onnxruntime": installed("onnxruntime"),
-        },
-        "model": model_entry,
-        "signature": sig.to_json(),
-        "opset": OPSET,
-        "files": {p.relative_to(out_dir).as_posix(): file_entry(p) for p in files},
-        "triton": configs,
-        "skipped": {AOTI: "model.pt2 is written for LSTM bundles only (lstm-deploy export)"},
-        "parity": None,
-    }
-    bundle = Bundle(out_dir, manifest)
-    bundle.write_manifest()
-    return bundle
+    skipped = {AOTI: "model.pt2 is written for LSTM bundles only (lstm-deploy export)"}
+    return write_bundle(out_dir, info, written, skipped, {"model": model_entry}, say)
 
 
 def _kinds(artifacts: str | Iterable[str] | None, projected: bool) -> list[str]:

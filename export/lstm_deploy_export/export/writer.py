@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from lstm_deploy.bundle import (
     AOTI,
@@ -25,9 +26,9 @@ from lstm_deploy.bundle import (
     WEIGHTS,
     Bundle,
     BundleError,
+    ModelInfo,
     file_entry,
     lstm_info,
-    lstm_signature,
 )
 from lstm_deploy.model import LSTM
 from lstm_deploy.versions import installed, package_version
@@ -37,7 +38,7 @@ from lstm_deploy_export.export.exporters import OPSET, export_onnx, export_torch
 from lstm_deploy_export.export.graphs import ExportError
 from lstm_deploy_export.export.quantize import quantize_onnx
 
-__all__ = ["export_bundle", "load_model", "parse_artifacts"]
+__all__ = ["export_bundle", "load_model", "parse_artifacts", "write_bundle"]
 
 
 def load_model(bundle: Bundle) -> LSTM:
@@ -149,11 +150,26 @@ def export_bundle(
     if "int8" in kinds:
         say(f"quantizing {INT8_ONNX}")
         written[INT8_ONNX] = quantize_onnx(written[ONNX], out / INT8_ONNX)
-    sig = lstm_signature(model.config)
+    return write_bundle(
+        out, lstm_info(model.config), written, skipped, {"config": model.config.to_dict()}, say
+    )
+
+
+def write_bundle(
+    out: Path,
+    info: ModelInfo,
+    written: Mapping[str, Path],
+    skipped: Mapping[str, str],
+    described: Mapping[str, Any],
+    say: Callable[[str], None],
+) -> Bundle:
+    """The last steps of every export, an LSTM's or a whole model's: the Triton repository from
+    `info`, then the manifest (versions, `described`: "config" or "model", the signature, every
+    file's checksum, what was skipped and why) over the files that `out` now holds."""
     say(f"writing {TRITON_DIR}/")
     configs = triton.write_repository(
         out / TRITON_DIR,
-        lstm_info(model.config),
+        info,
         written.get(ONNX),
         written.get(TORCHSCRIPT),
         int8_model=written.get(INT8_ONNX),
@@ -168,12 +184,12 @@ def export_bundle(
             "onnx": installed("onnx"),
             "onnxruntime": installed("onnxruntime"),
         },
-        "config": model.config.to_dict(),
-        "signature": sig.to_json(),
+        **described,
+        "signature": info.signature.to_json(),
         "opset": OPSET,
         "files": {p.relative_to(out).as_posix(): file_entry(p) for p in files},
         "triton": configs,
-        "skipped": skipped,
+        "skipped": dict(skipped),
         "parity": None,
     }
     bundle = Bundle(out, manifest)
