@@ -232,3 +232,22 @@ def test_cli_module_errors_are_one_line(args: list[str], words: str, tmp_path: P
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("lstm-deploy export: error:") and words in lines[-1], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_lstm_registered_under_two_names_is_exported_in_both_places(tmp_path: Path) -> None:
+    class Shared(nn.Module):  # one LSTM applied twice, reached through two attribute names
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.LSTM(3, 3, batch_first=True)
+            self.again = self.enc
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.again(self.enc(x)[0])[0]
+
+    model = Shared().eval()
+    bundle = export_model(model, {"x": torch.randn(1, 4, 3)}, tmp_path / "b", artifacts="onnx")
+    x = torch.randn(2, 7, 3)
+    with torch.no_grad():
+        expected = model.double()(x.double()).numpy()
+    got = ort.InferenceSession(str(bundle.path / "model.onnx")).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)

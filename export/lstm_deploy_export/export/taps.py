@@ -90,12 +90,16 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 def tapped(model: nn.Module, make: Callable[[LSTM], nn.Module]) -> tuple[nn.Module, list[Tap]]:
     """A copy of `model` with each LSTM replaced by a Tap around `make(lstm)`, and the Taps."""
     model = copy.deepcopy(model).requires_grad_(False)  # inference graphs: no autograd traced
-    taps = []
-    for path, lstm in _lstms(model):
-        tap = Tap(lstm, make(lstm))
-        _set_submodule(model, path, tap)
-        taps.append(tap)
-    return model, taps
+    taps: dict[LSTM, Tap] = {}  # an LSTM registered under several names gets one Tap in each
+    places = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, LSTM)]
+    for path, lstm in places:
+        if lstm not in taps:
+            taps[lstm] = Tap(lstm, make(lstm))
+        if path:
+            _set_submodule(model, path, taps[lstm])
+        else:
+            model = taps[lstm]
+    return model, list(taps.values())
 
 
 class Flat(nn.Module):
