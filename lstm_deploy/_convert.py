@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from typing import TypeVar, overload
 
 import torch
@@ -21,9 +22,10 @@ from torch.nn.utils import parametrize
 from lstm_deploy.config import LSTMConfig
 from lstm_deploy.model import LSTM
 
-__all__ = ["ConversionError", "convert"]
+__all__ = ["ConversionError", "convert", "replace_modules"]
 
 M = TypeVar("M", bound=nn.Module)
+T = TypeVar("T", bound=nn.Module)
 
 _LEFT_ALONE = (nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 # Every per-module hook table nn.Module keeps (forward, backward, state_dict), read from nn.Module
@@ -109,17 +111,31 @@ def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
             stacklevel=2,
         )
     root = module if inplace else copy.deepcopy(module)
-    if isinstance(root, nn.LSTM):
-        return _replacement(root)
-    done: dict[nn.LSTM, LSTM] = {}
-    for parent in list(root.modules()):
-        # _modules, not named_children(): that one skips a module's second name in one parent.
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, nn.LSTM):
-                if child not in done:
-                    done[child] = _replacement(child)
-                setattr(parent, name, done[child])
-    return root
+    return replace_modules(root, nn.LSTM, _replacement)[0]
+
+
+def replace_modules(
+    root: nn.Module, kind: type[T], make: Callable[[T], nn.Module]
+) -> tuple[nn.Module, dict[T, nn.Module]]:
+    """Replace, in place, every module of type `kind` in `root`'s tree by `make(module)`.
+
+    One replacement per instance, put in each of its places: a module registered under several
+    names (in one parent or in several) stays one module. Places are visited in `named_modules`
+    order (depth first, as registered). Returns the new root (`make(root)` where `root` is of
+    `kind`) and {replaced: its replacement}, in that order.
+    """
+    done: dict[T, nn.Module] = {}
+    # remove_duplicate=False: every place of a shared module, its second name in one parent too.
+    for path, module in list(root.named_modules(remove_duplicate=False)):
+        if not isinstance(module, kind):
+            continue
+        if module not in done:
+            done[module] = make(module)
+        if not path:
+            return done[module], done
+        parent, _, name = path.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, name, done[module])
+    return root, done
 
 
 def _survey(module: nn.Module) -> tuple[list[str], list[str], bool]:

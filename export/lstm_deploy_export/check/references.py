@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstm_deploy import convert
+from lstm_deploy._convert import replace_modules
 from lstm_deploy.bundle import ModelInfo, Signature
 from lstm_deploy.model import LSTM
 from lstm_deploy_export.check.runners import Arrays, arrays, nn_lstm, nn_lstm_call, torch_inputs
@@ -129,19 +130,14 @@ class PackingLSTM(nn.LSTM):
 def with_nn_lstms(model: nn.Module) -> nn.Module:
     """A copy of `model` whose lstm_deploy.LSTMs are `PackingLSTM`s with the same weights (its
     torch.nn.LSTMs stay as they are); an LSTM shared under several names stays shared."""
-    model = copy.deepcopy(model)
-    done: dict[LSTM, PackingLSTM] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, LSTM):
-                if child not in done:
-                    # dropout off: a reference for inference (nn.LSTM warns of it on one layer)
-                    config = dataclasses.replace(child.config, dropout=0.0)
-                    lstm = PackingLSTM(**config.to_dict())
-                    lstm.load_state_dict(child.state_dict())
-                    done[child] = lstm.train(child.training)
-                setattr(parent, name, done[child])
-    return model
+    return replace_modules(copy.deepcopy(model), LSTM, _packing)[0]
+
+
+def _packing(ours: LSTM) -> PackingLSTM:
+    # dropout off: a reference for inference (nn.LSTM warns of it on one layer)
+    lstm = PackingLSTM(**dataclasses.replace(ours.config, dropout=0.0).to_dict())
+    lstm.load_state_dict(ours.state_dict())
+    return lstm.train(ours.training)
 
 
 class ModelCall:

@@ -17,11 +17,12 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from lstm_deploy._convert import replace_modules
 from lstm_deploy._ready import make_ready
 from lstm_deploy.bundle import Signature
 from lstm_deploy.model import LSTM
@@ -82,24 +83,12 @@ class Tap(nn.Module):
         return output, (hn.transpose(0, 1), cn.transpose(0, 1))
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 def tapped(model: nn.Module, make: Callable[[LSTM], nn.Module]) -> tuple[nn.Module, list[Tap]]:
     """A copy of `model` with each LSTM replaced by a Tap around `make(lstm)`, and the Taps."""
     model = copy.deepcopy(model).requires_grad_(False)  # inference graphs: no autograd traced
-    taps: dict[LSTM, Tap] = {}  # an LSTM registered under several names gets one Tap in each
-    places = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, LSTM)]
-    for path, lstm in places:
-        if lstm not in taps:
-            taps[lstm] = Tap(lstm, make(lstm))
-        if path:
-            _set_submodule(model, path, taps[lstm])
-        else:
-            model = taps[lstm]
-    return model, list(taps.values())
+    # An LSTM registered under several names gets one Tap, in each of its places.
+    model, taps = replace_modules(model, LSTM, lambda lstm: Tap(lstm, make(lstm)))
+    return model, cast(list[Tap], list(taps.values()))
 
 
 class Flat(nn.Module):
