@@ -197,15 +197,8 @@ def export_model(
 
 def _kinds(artifacts: str | Iterable[str] | None, projected: bool) -> list[str]:
     if artifacts is None:
-        kinds = ["torchscript", "onnx", "int8", "scan"]
-        if projected:  # the ONNX LSTM op has no projection; the Scan graph has
-            kinds = ["torchscript", "scan"]
-        return kinds
-
-    class _Cfg:  # parse_artifacts asks the model for proj_size only when artifacts is None
-        proj_size = 0
-
-    kinds = parse_artifacts(artifacts, _Cfg())  # type: ignore[arg-type]
+        return [k for k in parse_artifacts(None, projected) if k != "aoti"]
+    kinds = parse_artifacts(artifacts, projected)
     if "aoti" in kinds:
         raise ExportError(f"{AOTI} is written for LSTM bundles only; leave aoti out of artifacts")
     if projected and ("onnx" in kinds or "int8" in kinds):

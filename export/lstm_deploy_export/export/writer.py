@@ -46,11 +46,12 @@ def load_model(bundle: Bundle) -> LSTM:
     return load_safetensors(bundle.file(WEIGHTS))
 
 
-def parse_artifacts(spec: str | Iterable[str] | None, model: LSTM) -> list[str]:
-    """The artifact kinds to write; None means every one the model supports."""
+def parse_artifacts(spec: str | Iterable[str] | None, projected: bool = False) -> list[str]:
+    """The artifact kinds to write; None means every one the model supports (`projected`: an
+    LSTM with proj_size > 0, which model.onnx cannot express)."""
     if spec is None:
         kinds = list(ARTIFACTS)
-        if model.proj_size > 0:  # no ONNX LSTM op has a projection; the Scan graph has
+        if projected:  # no ONNX LSTM op has a projection; the Scan graph has
             kinds.remove("onnx")
             kinds.remove("int8")  # quantized from model.onnx
         return kinds
@@ -111,7 +112,7 @@ def export_bundle(
             "aoti" named without a C++ compiler).
     """
     out = Path(out_dir)
-    kinds = parse_artifacts(artifacts, model)
+    kinds = parse_artifacts(artifacts, model.proj_size > 0)
     check_finite(model)  # before anything is written: NaN weights make NaN artifacts
     # Also before: named without a C++ compiler, model.pt2 is an error (ExportError).
     aoti_skip = aoti.reason_to_skip(artifacts is not None) if "aoti" in kinds else None
