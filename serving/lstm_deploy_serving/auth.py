@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from starlette.middleware import Middleware
-
 from .protocol import JSON_CONTENT_TYPE, error_body
 
 API_KEY_ENV = "LSTM_DEPLOY_API_KEY"
@@ -88,16 +86,10 @@ class ApiKeyAuth:
         await send({"type": "http.response.body", "body": body})
 
 
-def api_key_middleware(api_key: str | None) -> list[Middleware]:
-    """Starlette's middleware list: the key check if a key is set, else nothing."""
-    return [] if api_key is None else [Middleware(ApiKeyAuth, api_key=api_key)]
-
-
 __all__ = [
     "API_KEY_ENV",
     "ApiKeyAuth",
     "ApiKeyError",
-    "api_key_middleware",
     "bearer_matches",
     "resolve_api_key",
 ]

@@ -39,6 +39,10 @@ class OnnxModel:
         # after one [64, 8192, 8] request); plain malloc hands it back: RSS is back within 70 MB
         # of where it was within a second, at no measurable cost on `lstm-deploy loadtest`.
         options.enable_cpu_mem_arena = False
+        import os
+
+        if os.environ.get("XSPIN"):
+            options.add_session_config_entry("session.intra_op.allow_spinning", os.environ["XSPIN"])
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=options, providers=list(providers)
