@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ class Tensor:
     dtype: str
     shape: tuple[Dim, ...]
 
-    @property
+    @cached_property
     def sequence_axis(self) -> int | None:
         return self.shape.index(SEQUENCE) if SEQUENCE in self.shape else None
 
@@ -111,39 +112,52 @@ class Layout:
             bool(info.get("streamable", False)),
         )
 
-    @property
+    # Per-request code reads these: each is worked out once (a Layout is frozen).
+    @cached_property
     def state_inputs(self) -> tuple[str, ...]:
         return tuple(n for h0, c0, _, _ in self.state for n in (h0, c0))
 
-    @property
+    @cached_property
     def optional(self) -> tuple[str, ...]:
         """The inputs a request may leave out: lengths (full length) and states (zeros)."""
         return (*((self.lengths,) if self.lengths else ()), *self.state_inputs)
 
-    @property
+    @cached_property
     def required(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.inputs if t.name not in self.optional)
 
+    @cached_property
+    def _by_name(self) -> dict[str, Tensor]:
+        return {t.name: t for t in self.inputs}
+
     def input(self, name: str) -> Tensor:
-        return next(t for t in self.inputs if t.name == name)
+        return self._by_name[name]
 
     # -- one request -----------------------------------------------------------------------
 
+    @cached_property
+    def _named_axes(self) -> tuple[tuple[str, tuple[tuple[int, str], ...]], ...]:
+        """Per input, in signature order: its name and its named axes (index, name)."""
+        return tuple(
+            (t.name, tuple((i, d) for i, d in enumerate(t.shape) if isinstance(d, str)))
+            for t in self.inputs
+        )
+
     def axis_sizes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-        """Each named axis's size in one request's inputs (by name, present ones); BadRequest if
-        two inputs disagree on one (the first in signature order is the one to match)."""
+        """Each named axis's size in one request's inputs (by name, present ones, of the
+        signature's ranks); BadRequest if two inputs disagree on one (the first in signature
+        order is the one to match)."""
         sizes: dict[str, tuple[int, str]] = {}
-        for spec in self.inputs:
-            if spec.name not in shapes:
+        for name, axes in self._named_axes:
+            shape = shapes.get(name)
+            if shape is None:
                 continue
-            for axis, size in zip(spec.shape, shapes[spec.name], strict=True):
-                if not isinstance(axis, str):
-                    continue
-                first = sizes.setdefault(axis, (int(size), spec.name))
+            for i, axis in axes:
+                size = int(shape[i])
+                first = sizes.setdefault(axis, (size, name))
                 if first[0] != size:
                     raise BadRequest(
-                        f"input '{spec.name}' has {axis} size {size}, "
-                        f"but '{first[1]}' has {first[0]}"
+                        f"input '{name}' has {axis} size {size}, but '{first[1]}' has {first[0]}"
                     )
         return {axis: size for axis, (size, _) in sizes.items()}
 

@@ -14,7 +14,7 @@ service checks the header it builds (``read_header``) before ``decode_inputs`` r
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -82,7 +82,7 @@ def _refuse_shared_memory(where: str, params: Any) -> None:
         raise BadRequest(f"{where}: shared memory is not supported by this server")
 
 
-def read_header(request: service_pb2.ModelInferRequest, outputs: Sequence[str]) -> RequestHeader:
+def read_header(request: service_pb2.ModelInferRequest, outputs: Iterable[str]) -> RequestHeader:
     """The request's header, every field checked, no tensor decoded. ``outputs``: the model's
     outputs, all returned when the request names none."""
     if not request.inputs:

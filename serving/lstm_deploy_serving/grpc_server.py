@@ -137,7 +137,7 @@ class Servicer:
         service.check_model(request.model_name, request.model_version)
 
         async def decode(check: Callable[[RequestHeader], None]) -> InferRequest:
-            head = grpc_codec.read_header(request, service.spec.output_names)
+            head = grpc_codec.read_header(request, service.spec.output_specs)
             check(head)
             if grpc_codec.typed_values(request) <= grpc_codec.INLINE_TYPED_VALUES:
                 return grpc_codec.decode_inputs(request, head)

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,15 +83,33 @@ class ModelSpec(Signature):
         """The inputs a request must send: all but lengths (full length) and states (zeros)."""
         return self.layout.required
 
-    def _config_tensor(self, name: str) -> dict[str, Any]:
+    @cached_property
+    def _wire_shapes(self) -> dict[str, tuple[int, ...]]:
+        batch = (-1,) if self.max_batch_size > 0 else ()
         config = self.triton_config
-        return next(t for t in (*config["input"], *config["output"]) if t["name"] == name)
+        return {
+            t["name"]: (*batch, *(int(d) for d in t["dims"]))
+            for t in (*config["input"], *config["output"])
+        }
 
     def wire_shape(self, name: str) -> tuple[int, ...]:
         """Tensor ``name``'s shape as Triton presents it: the batch axis, then the config's dims
         (before any ``reshape``), -1 where dynamic. ``lengths`` is ``(-1, 1)``."""
-        dims = tuple(int(d) for d in self._config_tensor(name)["dims"])
-        return (-1, *dims) if self.max_batch_size > 0 else dims
+        return self._wire_shapes[name]
+
+    @cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        """The signature's inputs by name."""
+        return {t.name: t for t in self.inputs}
+
+    @cached_property
+    def output_specs(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.outputs}
+
+    @cached_property
+    def dynamic_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each input's signature shape, -1 for a dynamic axis (``TensorSpec.wire_shape``)."""
+        return {t.name: tuple(t.wire_shape) for t in self.inputs}
 
     def metadata(self, name: str, versions: list[str]) -> dict[str, Any]:
         """The KServe v2 model metadata, derived from the config as Triton derives it: platform

@@ -285,7 +285,7 @@ class InferenceService:
 
     def _check_header(self, header: RequestHeader) -> None:
         """Refuse a request from its header alone, before its tensors are decoded."""
-        check_header(
+        sizes = check_header(
             header.inputs,
             self.spec,
             model=self.name,
@@ -293,16 +293,16 @@ class InferenceService:
             max_steps=self.options.max_sequence_length,
         )
         wanted = self._requested_outputs(header)
-        check_response_size(header.inputs, wanted, self.spec, limit=self.options.max_response_bytes)
+        check_response_size(sizes, wanted, self.spec, limit=self.options.max_response_bytes)
 
     def _requested_outputs(self, request: RequestHeader) -> list[tuple[str, bool]]:
         if request.outputs is None:
-            return [(name, request.binary_output) for name in self.spec.output_names]
+            return [(name, request.binary_output) for name in self.spec.output_specs]
         for out in request.outputs:
-            if out.name not in self.spec.output_names:
+            if out.name not in self.spec.output_specs:
                 raise BadRequest(
                     f"unexpected inference output '{out.name}' for model '{self.name}' "
-                    f"(its outputs: {', '.join(self.spec.output_names)})"
+                    f"(its outputs: {', '.join(self.spec.output_specs)})"
                 )
         return [(out.name, out.binary) for out in request.outputs]
 

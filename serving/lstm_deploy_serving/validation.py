@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -57,8 +57,8 @@ def _check_tensor(t: TensorHeader, spec: TensorSpec, model: ModelSpec, name: str
             f"inference input '{t.name}' data-type is '{t.datatype}', "
             f"but model '{name}' expects '{expected}'"
         )
-    if not _fits(spec.wire_shape, t.shape):
-        forms = [model.wire_shape(spec.name), tuple(spec.wire_shape)]
+    if not _fits(model.dynamic_shapes[spec.name], t.shape):
+        forms = [model.wire_shape(spec.name), model.dynamic_shapes[spec.name]]
         expected = " or ".join(f"[{','.join(str(d) for d in f)}]" for f in dict.fromkeys(forms))
         got = ",".join(str(d) for d in t.shape)
         raise BadRequest(
@@ -74,12 +74,13 @@ def check_header(
     model: str,
     max_batch_size: int,
     max_steps: int,
-) -> None:
-    """BadRequest on the first problem the request's names, datatypes and shapes show.
+) -> dict[str, int]:
+    """BadRequest on the first problem the request's names, datatypes and shapes show; else the
+    size of each named axis (``batch``, ``sequence``).
 
     Needs no tensor values: the service runs it on the request's header, before any is decoded.
     """
-    known = {t.name: t for t in spec.inputs}
+    known = spec.input_specs
     for t in inputs:
         if t.name not in known:
             raise BadRequest(
@@ -109,6 +110,7 @@ def check_header(
             f"input '{name}' has {steps} time steps, above this server's maximum of {max_steps} "
             "(--max-sequence-length)"
         )
+    return sizes
 
 
 def input_values(inputs: Sequence[InputTensor], spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -119,7 +121,7 @@ def input_values(inputs: Sequence[InputTensor], spec: ModelSpec) -> dict[str, np
     ranges: ``Layout.check``), and floats for NaN or Inf. The optional inputs (lengths, states)
     may be absent: each request gets its defaults later.
     """
-    known = {t.name: t for t in spec.inputs}
+    known = spec.input_specs
     tensors = {t.name: _signature_form(t, known[t.name], spec).data for t in inputs}
     spec.layout.check(tensors)
     for name, value in tensors.items():
@@ -129,38 +131,27 @@ def input_values(inputs: Sequence[InputTensor], spec: ModelSpec) -> dict[str, np
 
 
 def response_size(
-    inputs: Sequence[TensorHeader], outputs: Sequence[tuple[str, bool]], spec: ModelSpec
+    sizes: Mapping[str, int], outputs: Sequence[tuple[str, bool]], spec: ModelSpec
 ) -> int:
-    """The most bytes the ``(name, binary)`` outputs can take for these inputs (checked ones).
-
-    The outputs' dynamic axes (batch, sequence) take their sizes from the inputs that name them.
-    """
-    known = {t.name: t for t in spec.inputs}
-    sizes: dict[str, int] = {}
-    for t in inputs:
-        t = _signature_form(t, known[t.name], spec)
-        sizes.update(
-            (axis, size)
-            for axis, size in zip(known[t.name].shape, t.shape, strict=True)
-            if isinstance(axis, str)
-        )
+    """The most bytes the ``(name, binary)`` outputs can take, given the size of each named
+    axis (``check_header``'s): an output's dynamic axes (batch, sequence) are the inputs'."""
     total = 0
     for name, binary in outputs:
-        out = next(o for o in spec.outputs if o.name == name)
+        out = spec.output_specs[name]
         count = math.prod(sizes[d] if isinstance(d, str) else d for d in out.shape)
         total += codecs.encoded_size(np.dtype(out.dtype), count, binary)
     return total
 
 
 def check_response_size(
-    inputs: Sequence[TensorHeader],
+    sizes: Mapping[str, int],
     outputs: Sequence[tuple[str, bool]],
     spec: ModelSpec,
     *,
     limit: int,
 ) -> None:
     """BadRequest, before any work, if the response could pass ``limit`` bytes."""
-    size = response_size(inputs, outputs, spec)
+    size = response_size(sizes, outputs, spec)
     if size <= limit:
         return
     as_json = [name for name, binary in outputs if not binary]
