@@ -1,0 +1,126 @@
+"""How fast could our server be on this machine if batching and the model cost nothing?
+
+Serves a bundle twice, one after the other, on free loopback ports: as it is, and with the model
+step (``InferenceService._infer``: batching and ONNX Runtime) replaced by the first answer it
+gave, repeated. HTTP, gRPC, the wire codecs, header validation and the statistics stay real.
+perf_analyzer (through ``lstm-deploy loadtest --tool perf_analyzer``) measures both over HTTP
+and gRPC; the table gives each one's throughput and the ratio real / canned. The canned server's
+figure is the most the front ends allow here: when it is below another server's throughput,
+no work on batching or the model closes that gap.
+
+    python scripts/front_end_ceiling.py ./loadtest-bundle --concurrency 16,64
+
+Run it on a quiet machine: the client and the server share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PERF_ANALYZER = ROOT / ".venv-perf-analyzer" / "perf_analyzer"
+MODEL = "lstm_python"
+
+
+def serve(bundle: Path, port: int, canned: bool) -> None:
+    """The server in this process until SIGTERM: ``--serve`` mode of this script."""
+    from lstm_deploy_serving import service
+    from lstm_deploy_serving.config import ServeOptions
+    from lstm_deploy_serving.server import ThreadedServer
+
+    if canned:
+        real = service.InferenceService._infer
+        first: dict[str, object] = {}
+
+        async def _infer(self, request, model=None):  # type: ignore[no-untyped-def]
+            if "answer" not in first:
+                first["answer"] = await real(self, request, model)
+            else:  # an execution of one row, taking no time (perf_analyzer reads the counts)
+                self.stats.record_execution(1, [0], 0, 0, 0)
+            return first["answer"]
+
+        service.InferenceService._infer = _infer  # type: ignore[method-assign]
+    options = ServeOptions(
+        bundle=bundle, host="127.0.0.1", port=port, model_name=MODEL, log_level="warning"
+    )
+    with ThreadedServer(options):
+        print("ready", flush=True)
+        signal.sigwait([signal.SIGTERM, signal.SIGINT])
+
+
+def measure(url: str, protocol: str, concurrency: str, perf_analyzer: Path) -> list[float]:
+    """Throughput at each concurrency level, from loadtest's table."""
+    command = [sys.executable, "-m", "lstm_deploy_serving", "loadtest", url, "--tool"]
+    command += ["perf_analyzer", "--protocol", protocol, "--concurrency", concurrency]
+    command += ["--model-name", MODEL, "--perf-analyzer", str(perf_analyzer)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"front_end_ceiling: loadtest failed: {done.stderr.strip()}")
+    rows = [line for line in done.stdout.splitlines() if re.match(r"\| dynamic", line)]
+    return [float(row.strip("|").split("|")[4]) for row in rows]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("bundle", type=Path, help="an LSTM bundle (lstm-deploy export --demo)")
+    parser.add_argument("--concurrency", default="16,64", help="levels (default: 16,64)")
+    parser.add_argument("--perf-analyzer", type=Path, default=PERF_ANALYZER)
+    parser.add_argument("--serve", choices=("real", "canned"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.bundle, args.port, args.serve == "canned")
+        return 0
+    if not args.perf_analyzer.exists():
+        sys.exit(f"front_end_ceiling: no {args.perf_analyzer}: bash scripts/setup_perf_analyzer.sh")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
+    results: dict[tuple[str, str], list[float]] = {}
+    for mode in ("real", "canned"):
+        port = free_port()
+        command = [sys.executable, __file__, str(args.bundle), "--serve", mode, "--port", str(port)]
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None
+            if server.stdout.readline().strip() != "ready":
+                sys.exit("front_end_ceiling: the server did not start")
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10)
+            for protocol, url in (("http", f"127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{port + 1}")):
+                print(f"{mode} {protocol} ...", file=sys.stderr, flush=True)
+                results[mode, protocol] = measure(
+                    url, protocol, args.concurrency, args.perf_analyzer
+                )
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+        time.sleep(1)
+    levels = args.concurrency.split(",")
+    print("| protocol | concurrency | real infer/s | canned infer/s | real / canned |")
+    print("|---|---|---|---|---|")
+    for protocol in ("http", "grpc"):
+        for level, real, canned in zip(
+            levels, results["real", protocol], results["canned", protocol], strict=True
+        ):
+            print(f"| {protocol} | {level} | {real:.1f} | {canned:.1f} | {real / canned:.2f} |")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
