@@ -6,7 +6,9 @@ gave, repeated. HTTP, gRPC, the wire codecs, header validation and the statistic
 perf_analyzer (through ``lstm-deploy loadtest --tool perf_analyzer``) measures both over HTTP
 and gRPC; the table gives each one's throughput and the ratio real / canned. The canned server's
 figure is the most the front ends allow here: when it is below another server's throughput,
-no work on batching or the model closes that gap.
+no work on batching or the model closes that gap. It also prints the server's CPU time per
+request (all its threads, over every level: /proc and the server's own count of requests). On
+N cores no number of processes serves more than N / (CPU per request), the client aside.
 
     python scripts/front_end_ceiling.py ./loadtest-bundle --concurrency 16,64
 
@@ -16,6 +18,7 @@ Run it on a quiet machine: the client and the server share its cores.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -56,16 +59,32 @@ def serve(bundle: Path, port: int, canned: bool) -> None:
         signal.sigwait([signal.SIGTERM, signal.SIGINT])
 
 
-def measure(url: str, protocol: str, concurrency: str, perf_analyzer: Path) -> list[float]:
+def measure(url: str, protocol: str, args: argparse.Namespace) -> list[float]:
     """Throughput at each concurrency level, from loadtest's table."""
     command = [sys.executable, "-m", "lstm_deploy_serving", "loadtest", url, "--tool"]
-    command += ["perf_analyzer", "--protocol", protocol, "--concurrency", concurrency]
-    command += ["--model-name", MODEL, "--perf-analyzer", str(perf_analyzer)]
+    command += ["perf_analyzer", "--protocol", protocol, "--concurrency", args.concurrency]
+    command += ["--model-name", MODEL, "--perf-analyzer", str(args.perf_analyzer)]
+    if args.quick:
+        command += ["--measurement-interval", "500", "--stability-percentage", "100"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"front_end_ceiling: loadtest failed: {done.stderr.strip()}")
     rows = [line for line in done.stdout.splitlines() if re.match(r"\| dynamic", line)]
     return [float(row.strip("|").split("|")[4]) for row in rows]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid``, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def requests_served(port: int) -> int:
+    """The server's count of successful inference requests (its statistics extension)."""
+    url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/stats"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        (entry,) = json.loads(r.read())["model_stats"]
+    return int(entry["inference_stats"]["success"]["count"])
 
 
 def free_port() -> int:
@@ -82,6 +101,9 @@ def main() -> int:
     parser.add_argument("bundle", type=Path, help="an LSTM bundle (lstm-deploy export --demo)")
     parser.add_argument("--concurrency", default="16,64", help="levels (default: 16,64)")
     parser.add_argument("--perf-analyzer", type=Path, default=PERF_ANALYZER)
+    parser.add_argument(
+        "--quick", action="store_true", help="500 ms windows, any that complete: to see it run"
+    )
     parser.add_argument("--serve", choices=("real", "canned"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -92,6 +114,7 @@ def main() -> int:
         sys.exit(f"front_end_ceiling: no {args.perf_analyzer}: bash scripts/setup_perf_analyzer.sh")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
     results: dict[tuple[str, str], list[float]] = {}
+    cpu_us: dict[tuple[str, str], float] = {}  # the server's CPU per request, over all levels
     for mode in ("real", "canned"):
         port = free_port()
         command = [sys.executable, __file__, str(args.bundle), "--serve", mode, "--port", str(port)]
@@ -100,12 +123,13 @@ def main() -> int:
             assert server.stdout is not None
             if server.stdout.readline().strip() != "ready":
                 sys.exit("front_end_ceiling: the server did not start")
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10)
-            for protocol, url in (("http", f"127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{port + 1}")):
+            for protocol, at in (("http", port), ("grpc", port + 1)):
                 print(f"{mode} {protocol} ...", file=sys.stderr, flush=True)
-                results[mode, protocol] = measure(
-                    url, protocol, args.concurrency, args.perf_analyzer
-                )
+                cpu, served = cpu_seconds(server.pid), requests_served(port)
+                url = f"127.0.0.1:{at}"
+                results[mode, protocol] = measure(url, protocol, args)
+                cpu, served = cpu_seconds(server.pid) - cpu, requests_served(port) - served
+                cpu_us[mode, protocol] = 1e6 * cpu / served
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
@@ -118,6 +142,15 @@ def main() -> int:
             levels, results["real", protocol], results["canned", protocol], strict=True
         ):
             print(f"| {protocol} | {level} | {real:.1f} | {canned:.1f} | {real / canned:.2f} |")
+    cores = os.cpu_count() or 1
+    print(
+        "\n| protocol | server CPU µs per request, real | canned | at most, canned, on "
+        f"{cores} cores |"
+    )
+    print("|---|---|---|---|")
+    for protocol in ("http", "grpc"):
+        real, canned = cpu_us["real", protocol], cpu_us["canned", protocol]
+        print(f"| {protocol} | {real:.0f} | {canned:.0f} | {cores * 1e6 / canned:.0f} infer/s |")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
     return 0
 

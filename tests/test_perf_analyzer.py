@@ -9,6 +9,8 @@ counts must have succeeded on the server: the server's own counters say so.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,23 @@ def test_missing_perf_analyzer_says_how_to_install_it(
     assert "the built-in client speaks HTTP: use --tool perf_analyzer" in capsys.readouterr().err
     assert cli.main(["loadtest", "127.0.0.1:9", "--against-triton"]) == 2
     assert "--against-triton needs --bundle" in capsys.readouterr().err
+
+
+def test_front_end_ceiling(exe: Path, onnx_bundle: Path) -> None:
+    """scripts/front_end_ceiling.py runs both servers under perf_analyzer and reports each
+    one's rate and CPU per request: the canned one skips the model, so it costs less CPU."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "front_end_ceiling.py"
+    command = [sys.executable, str(script), str(onnx_bundle), "--concurrency", "2", "--quick"]
+    done = subprocess.run(
+        [*command, "--perf-analyzer", str(exe)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if "|" in line]
+    rates = {r[0].strip(): r for r in rows if r[1].strip() == "2"}
+    cpu = {r[0].strip(): r for r in rows if "infer/s" in r[-1]}
+    assert set(rates) == set(cpu) == {"http", "grpc"}, done.stdout
+    for protocol in ("http", "grpc"):
+        real, canned = float(rates[protocol][2]), float(rates[protocol][3])
+        assert real > 0 and canned > 0
+        real_us, canned_us = float(cpu[protocol][1]), float(cpu[protocol][2])
+        assert 0 < canned_us < real_us, done.stdout
