@@ -329,7 +329,8 @@ def test_cli_port_in_use(capsys: pytest.CaptureFixture[str], onnx_bundle: Path) 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, err = _serve(capsys, str(onnx_bundle), "--port", str(port))
+        # gRPC on a free port: its default, port + 1, may be any socket's of this process.
+        code, err = _serve(capsys, str(onnx_bundle), "--port", str(port), "--grpc-port", "0")
     assert code == 2 and err.startswith(
         f"lstm-deploy serve: error: cannot listen on 127.0.0.1:{port}"
     )

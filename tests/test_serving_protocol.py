@@ -182,6 +182,40 @@ def test_response_is_what_tritonclient_reads(binary: bool) -> None:
     assert result.get_response()["model_name"] == "m"
 
 
+def test_all_binary_response_without_id() -> None:
+    """The header of an all-binary response without an id is reused for equal shapes (cached);
+    tritonclient reads each response's own values, and the header equals the one written out."""
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        out = rng.standard_normal((1, 4, 5), dtype=np.float32)
+        lengths = rng.integers(0, 9, (1,), dtype=np.int64)
+        outputs = (OutputTensor("output", out, True), OutputTensor("n", lengths, True))
+        body, headers = encode_infer_response(InferResponse("m", "1", outputs))
+        header_length = int(headers[HEADER_LENGTH])
+        result = Client.parse_response_body(body, header_length=header_length)
+        np.testing.assert_array_equal(result.as_numpy("output"), out)
+        np.testing.assert_array_equal(result.as_numpy("n"), lengths)
+        head = json.loads(body[:header_length])
+        assert head == {
+            "model_name": "m",
+            "model_version": "1",
+            "outputs": [
+                {
+                    "name": "output",
+                    "datatype": "FP32",
+                    "shape": [1, 4, 5],
+                    "parameters": {"binary_data_size": out.nbytes},
+                },
+                {
+                    "name": "n",
+                    "datatype": "INT64",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 8},
+                },
+            ],
+        }
+
+
 # -- the header first: a request is judged on its shapes before its values are parsed ----------
 
 
@@ -227,3 +261,44 @@ def test_check_header_runs_before_the_data_is_parsed() -> None:
     # Without the check, the full parse is what refuses it.
     with pytest.raises(BadRequest, match="malformed JSON"):
         parse_infer_request(body)
+
+
+def test_header_cache_parses_and_checks_a_header_once() -> None:
+    """A repeated binary header is parsed and checked once and gives the same request; one with
+    JSON data, or one the check refuses, is never kept; the oldest goes past ``size``."""
+    from lstm_deploy_serving.protocol import HeaderCache, RequestHeader
+
+    checked: list[RequestHeader] = []
+
+    def check(header: RequestHeader) -> None:
+        checked.append(header)
+        if header.inputs[0].shape[1] == 9:
+            raise BadRequest("nine steps refused")
+
+    def binary(steps: int, seed: int) -> tuple[bytes, int, np.ndarray]:
+        x = np.random.default_rng(seed).standard_normal((1, steps, 4), dtype=np.float32)
+        item = http.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)
+        return (*_body([item], outputs=[http.InferRequestedOutput("hn")]), x)
+
+    cache = HeaderCache(size=2)
+    for seed in range(3):  # one header, three bodies: checked once, each body's own values
+        body, length, x = binary(3, seed)
+        request = parse_infer_request(body, length, check, cache=cache)
+        np.testing.assert_array_equal(request.inputs[0].data, x)
+        assert [(o.name, o.binary) for o in request.outputs or ()] == [("hn", True)]
+    assert len(checked) == 1
+    for _ in range(2):  # refused each time, never kept
+        body, length, _ = binary(9, 0)
+        with pytest.raises(BadRequest, match="nine steps"):
+            parse_infer_request(body, length, check, cache=cache)
+    assert len(checked) == 3
+    as_json = http.InferInput("input", [1, 1, 4], "FP32")
+    as_json.set_data_from_numpy(np.ones((1, 1, 4), np.float32), binary_data=False)
+    body, length = _body([as_json])
+    for _ in range(2):
+        assert parse_infer_request(body, length, check, cache=cache).inputs[0].data.sum() == 4
+    assert len(checked) == 5
+    for steps in (4, 5, 3):  # size 2: 3 was the oldest when 5 came, so it is parsed again
+        body, length, _ = binary(steps, 0)
+        parse_infer_request(body, length, check, cache=cache)
+    assert [h.inputs[0].shape[1] for h in checked[5:]] == [4, 5, 3]

@@ -15,8 +15,11 @@ request from its header (``RequestHeader``) before any tensor is decoded.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,24 +250,43 @@ def _load_json(text: bytes, load: Callable[[bytes], Any] = json.loads) -> Any:
         ) from None
 
 
-def parse_infer_request(
-    body: bytes,
-    header_length: int | None = None,
-    check_header: Callable[[RequestHeader], None] | None = None,
-    load_json: Callable[[bytes], Any] | None = None,
-) -> InferRequest:
-    """Parse an inference body; ``header_length`` from ``Inference-Header-Content-Length``.
+class HeaderCache:
+    """Checked request headers by their JSON text: the most recent ``size`` of them.
 
-    ``check_header`` sees the request's header before any tensor is decoded: whatever it
-    raises refuses the request at the cost of parsing its header alone.
-    ``load_json`` parses the whole header once it is checked (default ``json.loads``); for large
-    bodies ``largejson.loads_header``, which decodes the ``data`` lists itself, in small steps.
+    A client sends the same header again and again (perf_analyzer; a service calling one model
+    with a few shapes), so parsing it, checking its fields and the server's ``check_header``
+    run once per distinct header. Only a short header without tensor values (its data binary,
+    after it) that passed the check is kept; the parsed JSON and header are shared, never
+    changed.
     """
-    if header_length is not None and not 0 <= header_length <= len(body):
-        raise BadRequest(f"{HEADER_LENGTH} is {header_length}, but the body has {len(body)} bytes")
-    split = len(body) if header_length is None else header_length
-    text = body[:split]
-    load = load_json or json.loads
+
+    def __init__(self, size: int = 1024, max_text: int = 4096) -> None:
+        self.size, self.max_text = size, max_text  # at most ~4 MB of text in all
+        self._entries: OrderedDict[bytes, tuple[Any, RequestHeader]] = OrderedDict()
+
+    def get(self, text: bytes) -> tuple[Any, RequestHeader] | None:
+        entry = self._entries.get(text)
+        if entry is not None:
+            self._entries.move_to_end(text)
+        return entry
+
+    def put(self, text: bytes, entry: tuple[Any, RequestHeader]) -> None:
+        self._entries[text] = entry
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+def _parse_header(
+    text: bytes,
+    check_header: Callable[[RequestHeader], None] | None,
+    load: Callable[[bytes], Any],
+    cache: HeaderCache | None,
+) -> tuple[Any, RequestHeader]:
+    """The header's JSON and its fields, checked by ``check_header`` before its tensors' values
+    are parsed."""
+    cached = cache.get(text) if cache is not None else None
+    if cached is not None:
+        return cached
     # The header without its tensors' values first (small: json.loads at once), checked; the
     # whole of it only then. With nothing cut out, one parse is all there is to do.
     skeleton = _without_data(text)
@@ -274,7 +296,35 @@ def parse_infer_request(
         check_header(head)
     if skeleton is not text:
         header = _load_json(text, load)
-        head = _read_header(header)
+        return header, _read_header(header)
+    if (
+        cache is not None
+        and len(text) <= cache.max_text
+        and not any("data" in i for i in header["inputs"])
+    ):
+        cache.put(text, (header, head))
+    return header, head
+
+
+def parse_infer_request(
+    body: bytes,
+    header_length: int | None = None,
+    check_header: Callable[[RequestHeader], None] | None = None,
+    load_json: Callable[[bytes], Any] | None = None,
+    cache: HeaderCache | None = None,
+) -> InferRequest:
+    """Parse an inference body; ``header_length`` from ``Inference-Header-Content-Length``.
+
+    ``check_header`` sees the request's header before any tensor is decoded: whatever it
+    raises refuses the request at the cost of parsing its header alone.
+    ``load_json`` parses the whole header once it is checked (default ``json.loads``); for large
+    bodies ``largejson.loads_header``, which decodes the ``data`` lists itself, in small steps.
+    ``cache``: headers already parsed and checked, by ``check_header`` (always the same one).
+    """
+    if header_length is not None and not 0 <= header_length <= len(body):
+        raise BadRequest(f"{HEADER_LENGTH} is {header_length}, but the body has {len(body)} bytes")
+    split = len(body) if header_length is None else header_length
+    header, head = _parse_header(body[:split], check_header, load_json or json.loads, cache)
     binary, offset, inputs = memoryview(body)[split:], 0, []
     for item, spec in zip(header["inputs"], head.inputs, strict=True):
         tensor, offset = _input_tensor(item, spec, binary, offset)
@@ -286,6 +336,34 @@ def parse_infer_request(
     return InferRequest(tuple(inputs), head.outputs, head.id, head.parameters)
 
 
+def _response_head(
+    model_name: str, model_version: str, request_id: str | None, outputs: list[dict[str, Any]]
+) -> bytes:
+    header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        header["id"] = request_id
+    header["outputs"] = outputs
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _binary_response_head(
+    model_name: str, model_version: str, outputs: tuple[tuple[str, np.dtype, tuple[int, ...]], ...]
+) -> bytes:
+    """The header of a response that echoes no id and whose outputs are all binary numbers: the
+    same for every response of these shapes (json.dumps is most of encoding a small one)."""
+    described = [
+        {
+            "name": name,
+            "datatype": codecs.datatype_of(dtype),
+            "shape": list(shape),
+            "parameters": {"binary_data_size": dtype.itemsize * math.prod(shape)},
+        }
+        for name, dtype, shape in outputs
+    ]
+    return _response_head(model_name, model_version, None, described)
+
+
 def encode_infer_response(
     response: InferResponse, encode_json: Callable[[np.ndarray], Any] = codecs.encode_json
 ) -> tuple[bytes, dict[str, str]]:
@@ -294,28 +372,27 @@ def encode_infer_response(
     ``encode_json`` makes an output's ``data`` (``largejson`` passes a stand-in for text it
     writes itself, in small steps).
     """
-    described, blobs = [], []
-    for out in response.outputs:
-        entry: dict[str, Any] = {
-            "name": out.name,
-            "datatype": codecs.datatype_of(out.data.dtype),
-            "shape": list(out.data.shape),
-        }
-        if out.binary:
-            blob = codecs.encode_bytes(out.data)
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = encode_json(out.data)
-        described.append(entry)
-    header: dict[str, Any] = {
-        "model_name": response.model_name,
-        "model_version": response.model_version,
-    }
-    if response.id is not None:
-        header["id"] = response.id
-    header["outputs"] = described
-    head = json.dumps(header, separators=(",", ":")).encode()
+    outputs = response.outputs
+    if response.id is None and all(o.binary and o.data.dtype.kind in "biuf" for o in outputs):
+        key = tuple((o.name, o.data.dtype, o.data.shape) for o in outputs)
+        head = _binary_response_head(response.model_name, response.model_version, key)
+        blobs = [codecs.encode_bytes(o.data) for o in outputs]
+    else:
+        described, blobs = [], []
+        for out in outputs:
+            entry: dict[str, Any] = {
+                "name": out.name,
+                "datatype": codecs.datatype_of(out.data.dtype),
+                "shape": list(out.data.shape),
+            }
+            if out.binary:
+                blob = codecs.encode_bytes(out.data)
+                entry["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                entry["data"] = encode_json(out.data)
+            described.append(entry)
+        head = _response_head(response.model_name, response.model_version, response.id, described)
     if not blobs:
         return head, {"Content-Type": JSON_CONTENT_TYPE}
     headers = {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(head))}
