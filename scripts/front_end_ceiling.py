@@ -33,11 +33,9 @@ PERF_ANALYZER = ROOT / ".venv-perf-analyzer" / "perf_analyzer"
 MODEL = "lstm_python"
 
 
-def serve(bundle: Path, port: int, canned: bool) -> None:
-    """The server in this process until SIGTERM: ``--serve`` mode of this script."""
-    from lstm_deploy_serving import service
-    from lstm_deploy_serving.config import ServeOptions
-    from lstm_deploy_serving.server import ThreadedServer
+def serve(bundle: Path, port: int, canned: bool) -> int:
+    """``lstm-deploy serve`` in this process, as users run it: ``--serve`` mode of this script."""
+    from lstm_deploy_serving import cli, service
 
     if canned:
         real = service.InferenceService._infer
@@ -51,12 +49,19 @@ def serve(bundle: Path, port: int, canned: bool) -> None:
             return first["answer"]
 
         service.InferenceService._infer = _infer  # type: ignore[method-assign]
-    options = ServeOptions(
-        bundle=bundle, host="127.0.0.1", port=port, model_name=MODEL, log_level="warning"
-    )
-    with ThreadedServer(options):
-        print("ready", flush=True)
-        signal.sigwait([signal.SIGTERM, signal.SIGINT])
+    args = ["serve", str(bundle), "--port", str(port), "--model-name", MODEL]
+    return cli.main([*args, "--log-level", "warning"])
+
+
+def wait_ready(port: int, server: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.2)
+    sys.exit("front_end_ceiling: the server did not start")
 
 
 def measure(url: str, protocol: str, args: argparse.Namespace) -> list[float]:
@@ -108,8 +113,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.bundle, args.port, args.serve == "canned")
-        return 0
+        return serve(args.bundle, args.port, args.serve == "canned")
     if not args.perf_analyzer.exists():
         sys.exit(f"front_end_ceiling: no {args.perf_analyzer}: bash scripts/setup_perf_analyzer.sh")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
@@ -118,11 +122,9 @@ def main() -> int:
     for mode in ("real", "canned"):
         port = free_port()
         command = [sys.executable, __file__, str(args.bundle), "--serve", mode, "--port", str(port)]
-        server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         try:
-            assert server.stdout is not None
-            if server.stdout.readline().strip() != "ready":
-                sys.exit("front_end_ceiling: the server did not start")
+            wait_ready(port, server)
             for protocol, at in (("http", port), ("grpc", port + 1)):
                 print(f"{mode} {protocol} ...", file=sys.stderr, flush=True)
                 cpu, served = cpu_seconds(server.pid), requests_served(port)
