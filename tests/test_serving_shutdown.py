@@ -24,9 +24,11 @@ def test_sigterm_during_a_burst_finishes_in_flight_requests(
 ) -> None:
     rng = np.random.default_rng(0)
     xs = [reference.random_input(rng, 1, int(t)) for t in rng.integers(1, 40, BURST)]
-    # A one-second batching window holds the burst in the server's queue when SIGTERM comes
-    # (fixed: an adaptive one would run the burst's first request at once, alone).
-    args = ["--max-queue-delay-us", "1000000", "--fixed-window"]
+    # A three-second batching window holds the burst in the server's queue when SIGTERM comes
+    # (fixed: an adaptive one would run the burst's first request at once, alone). Its length
+    # lets a stalled client thread or server still gather the whole burst (a 1 s window split
+    # a burst under load in another test: test_serving_stats); the drain waits it out.
+    args = ["--max-queue-delay-us", "3000000", "--fixed-window"]
     with ServerProcess(onnx_bundle, args) as server:
 
         def infer(x: np.ndarray) -> np.ndarray:
