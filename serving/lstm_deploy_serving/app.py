@@ -26,14 +26,14 @@ from starlette.routing import Route
 
 from .auth import ApiKeyAuth
 from .codecpool import Busy, RawBody
-from .errors import BadRequest, PayloadTooLarge, ServingError, Unavailable
+from .errors import BadRequest, PayloadTooLarge, ServerFault, ServingError, Unavailable
 from .protocol import HEADER_LENGTH, JSON_CONTENT_TYPE, error_body
 from .service import InferenceService
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Starlette's {model} and {version}: one path segment each.
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
-_JSON_TYPE = (b"content-type", JSON_CONTENT_TYPE.encode())
+_HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as ASGI gives header names
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -44,12 +44,20 @@ def _error(message: str, status: int) -> Response:
     return Response(error_body(message), status, media_type=JSON_CONTENT_TYPE)
 
 
-async def _serving_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServingError)
-    response = _error(exc.message, exc.status)
+def _error_parts(exc: Exception) -> tuple[int, bytes, dict[str, str]]:
+    """Triton's JSON error for ``exc``: status, body and headers (``Retry-After`` when busy).
+    Anything but a ServingError is a fault of ours: 500, naming only its type."""
+    if not isinstance(exc, ServingError):
+        exc = ServerFault(f"internal error: {type(exc).__name__}")
+    headers = {"Content-Type": JSON_CONTENT_TYPE}
     if isinstance(exc, Busy):
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-    return response
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return exc.status, error_body(exc.message), headers
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    status, body, headers = _error_parts(exc)
+    return Response(body, status, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -87,7 +95,7 @@ async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> Ra
 
 
 def _header_length(headers: dict[bytes, bytes]) -> int | None:
-    value = headers.get(HEADER_LENGTH.lower().encode())
+    value = headers.get(_HEADER_LENGTH_KEY)
     if value is None:
         return None
     try:
@@ -106,7 +114,6 @@ class InferRoute:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, match: Any) -> None:
         service = self.service
-        headers: list[tuple[bytes, bytes]]
         try:
             model, version = match.groups()
             service.check_model(model, version)
@@ -115,18 +122,15 @@ class InferRoute:
             body = await read_body(request_headers, receive, service.options.max_body_bytes)
             content, extra = await service.infer_body(body, header_length, model)
             status = 200
-            headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         except ClientGone:
             service.stats.record_failure(0)
             return
         except ServingError as e:
-            content, status, headers = error_body(e.message), e.status, [_JSON_TYPE]
-            if isinstance(e, Busy):
-                headers.append((b"retry-after", str(e.retry_after_s).encode()))
+            status, content, extra = _error_parts(e)
         except Exception as e:  # a fault outside the service's accounting (reading the body)
             service.stats.record_failure(0)
-            content, status = error_body(f"internal error: {type(e).__name__}"), 500
-            headers = [_JSON_TYPE]
+            status, content, extra = _error_parts(e)
+        headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         headers.append((b"content-length", b"%d" % len(content)))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
@@ -199,9 +203,6 @@ def create_app(service: InferenceService) -> Any:
     async def metrics(request: Request) -> Response:
         return Response(service.render_metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        return _error(f"internal error: {type(exc).__name__}", 500)
-
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start()
@@ -230,9 +231,9 @@ def create_app(service: InferenceService) -> Any:
             routes=routes,
             lifespan=lifespan,
             exception_handlers={
-                ServingError: _serving_error,
+                ServingError: _error_response,
                 HTTPException: _http_error,
-                Exception: internal_error,
+                Exception: _error_response,
             },
         ),
     )
