@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -65,17 +64,23 @@ def wait_ready(port: int, server: subprocess.Popen[bytes], timeout_s: float = 12
 
 
 def measure(url: str, protocol: str, args: argparse.Namespace) -> list[float]:
-    """Throughput at each concurrency level, from loadtest's table."""
-    command = [sys.executable, "-m", "lstm_deploy_serving", "loadtest", url, "--tool"]
-    command += ["perf_analyzer", "--protocol", protocol, "--concurrency", args.concurrency]
-    command += ["--model-name", MODEL, "--perf-analyzer", str(args.perf_analyzer)]
-    if args.quick:
-        command += ["--measurement-interval", "500", "--stability-percentage", "100"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"front_end_ceiling: loadtest failed: {done.stderr.strip()}")
-    rows = [line for line in done.stdout.splitlines() if re.match(r"\| dynamic", line)]
-    return [float(row.strip("|").split("|")[4]) for row in rows]
+    """Throughput at each concurrency level: ``lstm-deploy loadtest --tool perf_analyzer``'s."""
+    from lstm_deploy_serving.loadtest import LoadSpec, LoadtestError
+    from lstm_deploy_serving.loadtest import measure as run_levels
+
+    spec = LoadSpec(
+        model_name=MODEL,
+        concurrency=[int(c) for c in args.concurrency.split(",")],
+        tool="perf_analyzer",
+        protocol=protocol,
+        perf_analyzer=args.perf_analyzer,
+        measurement_ms=500 if args.quick else 2000,
+        stability_percent=100 if args.quick else 25,
+    )
+    try:
+        return [level.throughput for level in run_levels(url, spec, protocol)]
+    except LoadtestError as e:
+        sys.exit(f"front_end_ceiling: {e}")
 
 
 def cpu_seconds(pid: int) -> float:
