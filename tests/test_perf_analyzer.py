@@ -74,21 +74,29 @@ def test_missing_perf_analyzer_says_how_to_install_it(
     assert "--against-triton needs --bundle" in capsys.readouterr().err
 
 
+SERVERS = ("real", "canned")  # front_end_ceiling's two servers
+
+
 def test_front_end_ceiling(exe: Path, onnx_bundle: Path) -> None:
     """scripts/front_end_ceiling.py runs both servers under perf_analyzer and reports each
-    one's rate and CPU per request: the canned one skips the model, so it costs less CPU."""
+    one's rate, CPU per request and where it went: the canned one skips the model, so it costs
+    less CPU and its batcher thread (which calls ONNX Runtime) never runs."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "front_end_ceiling.py"
     command = [sys.executable, str(script), str(onnx_bundle), "--concurrency", "2", "--quick"]
     done = subprocess.run(
         [*command, "--perf-analyzer", str(exe)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if "|" in line]
-    rates = {r[0].strip(): r for r in rows if r[1].strip() == "2"}
-    cpu = {r[0].strip(): r for r in rows if "infer/s" in r[-1]}
-    assert set(rates) == set(cpu) == {"http", "grpc"}, done.stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()]
+    rates = {r[0]: r for r in rows if len(r) == 5 and r[1] == "2"}
+    header = next(r for r in rows if r[0] == "server")
+    where = {(r[0], r[1]): dict(zip(header, r, strict=True)) for r in rows if r[0] in SERVERS}
+    assert set(rates) == {"http", "grpc"}, done.stdout
+    assert set(where) == {(s, p) for s in SERVERS for p in ("http", "grpc")}, done.stdout
     for protocol in ("http", "grpc"):
         real, canned = float(rates[protocol][2]), float(rates[protocol][3])
         assert real > 0 and canned > 0
-        real_us, canned_us = float(cpu[protocol][1]), float(cpu[protocol][2])
-        assert 0 < canned_us < real_us, done.stdout
+        real_at, canned_at = where["real", protocol], where["canned", protocol]
+        assert 0 < float(canned_at["CPU µs / request"]) < float(real_at["CPU µs / request"])
+        assert real_at["batcher"] != "0%" and canned_at["batcher"] == "0%", done.stdout
+        assert real_at["event loop"] != "0%", done.stdout
