@@ -70,7 +70,7 @@ def serve(bundle: Path, port: int, canned: bool) -> int:
         real = service.InferenceService._infer
         first: dict[str, object] = {}
 
-        async def _infer(self, request, model=None):  # type: ignore[no-untyped-def]
+        async def _infer(self, request, model=None):
             if "answer" not in first:
                 first["answer"] = await real(self, request, model)
             else:  # an execution of one row, taking no time (perf_analyzer reads the counts)
