@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,6 +218,28 @@ def test_a_subset_of_outputs_and_a_bad_request(http_client) -> None:
     with pytest.raises(InferenceServerException, match=r"lengths must be in \[1, 4\]"):
         infer(http_client, "lstm_python", {"input": x, "lengths": np.array([9], np.int64)})
     assert infer(http_client, "lstm_python", {"input": x})["output"].shape == (1, 4, 16)
+
+
+@pytest.mark.parametrize("request_id", ["", "req-7", None])
+def test_response_id_as_triton_echoes_it(triton: TritonServer, ours: str, request_id) -> None:
+    """Triton echoes a request's ``id`` only when it is not empty (perf_analyzer sends "")."""
+    body: dict[str, object] = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2, 8], "data": [0.5] * 16}],
+        "outputs": [{"name": "hn", "parameters": {"binary_data": False}}],
+    }
+    if request_id is not None:
+        body["id"] = request_id
+    heads = {}
+    for server, url in (("triton", triton.http_url), ("ours", ours)):
+        request = urllib.request.Request(
+            f"http://{url}/v2/models/lstm_python/infer",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            heads[server] = {k: v for k, v in json.loads(response.read()).items() if k != "outputs"}
+    assert heads["ours"] == heads["triton"], heads
+    assert ("id" in heads["ours"]) == bool(request_id)
 
 
 def _exec_count(server: TritonServer, model: str) -> float:

@@ -184,7 +184,8 @@ def _read_header(header: Any) -> RequestHeader:
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
-    return RequestHeader(inputs, outputs, request_id, parameters)
+    # An empty id is no id: Triton echoes only one that is not empty (perf_analyzer sends "").
+    return RequestHeader(inputs, outputs, request_id or None, parameters)
 
 
 # A "data" key whose value is a list, and what a list of numbers or booleans (nested or not) may
