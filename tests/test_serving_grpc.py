@@ -149,6 +149,36 @@ def test_typed_contents_equal_raw(urls: tuple[str, str], reference: Reference) -
     _close({n: result.as_numpy(n) for n in ("output", "hn", "cn")}, reference.run(x, lengths))
 
 
+def test_a_repeated_header_is_checked_once_and_each_request_still_checked(
+    urls: tuple[str, str], reference: Reference
+) -> None:
+    """The server reuses the checked header of a request it has seen (grpc_codec.header_key):
+    the same header with other data runs on its own data, and with a raw entry too many or of
+    the wrong size it is refused as it would be the first time."""
+    rng = np.random.default_rng(5)
+    xs = [reference.random_input(rng, 1, 4) for _ in range(2)]
+
+    def request(*raw: bytes) -> service_pb2.ModelInferRequest:
+        message = service_pb2.ModelInferRequest(model_name=MODEL)
+        message.inputs.add(name="input", datatype="FP32", shape=[1, 4, 8])
+        message.raw_input_contents.extend(raw)
+        return message
+
+    with grpc.insecure_channel(urls[1]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        results = [grpcclient.InferResult(stub.ModelInfer(request(x.tobytes()))) for x in xs]
+        refused = {}
+        for name, raw in (("two", (xs[0].tobytes(),) * 2), ("short", (xs[0].tobytes()[:-4],))):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(request(*raw), timeout=10)
+            refused[name] = e.value
+    for x, result in zip(xs, results, strict=True):
+        _close({n: result.as_numpy(n) for n in ("output", "hn", "cn")}, reference.run(x))
+    assert {e.code() for e in refused.values()} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert "raw_input_contents has 2 entries for 1 inputs" in refused["two"].details()
+    assert "input" in refused["short"].details(), refused["short"].details()
+
+
 def test_stream_sequences_equal_one_shot(
     client: grpcclient.InferenceServerClient, reference: Reference
 ) -> None:

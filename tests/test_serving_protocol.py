@@ -302,3 +302,31 @@ def test_header_cache_parses_and_checks_a_header_once() -> None:
         body, length, _ = binary(steps, 0)
         parse_infer_request(body, length, check, cache=cache)
     assert [h.inputs[0].shape[1] for h in checked[5:]] == [4, 5, 3]
+
+
+def test_grpc_header_key_is_what_read_header_reads() -> None:
+    """Equal for requests that differ only in their raw data; different where read_header's
+    result or checks could differ (shape, parameters, how many raw entries); none for typed
+    contents, whose values are in the inputs."""
+    from lstm_deploy_serving.grpc_codec import header_key
+    from tritonclient.grpc import service_pb2
+
+    def request(shape: list[int], *raw: bytes, sequence_id: int = 0) -> object:
+        message = service_pb2.ModelInferRequest(model_name="m")
+        message.inputs.add(name="input", datatype="FP32", shape=shape)
+        message.raw_input_contents.extend(raw)
+        if sequence_id:
+            message.parameters["sequence_id"].int64_param = sequence_id
+        return message
+
+    key = header_key(request([1, 4, 8], b"x" * 128))
+    assert key is not None and key == header_key(request([1, 4, 8], b"y" * 128))
+    others = [
+        request([1, 4, 8], b"x" * 128, b"x" * 128),
+        request([1, 5, 8], b"x" * 160),
+        request([1, 4, 8], b"x" * 128, sequence_id=3),
+    ]
+    assert all(header_key(other) != key for other in others)
+    typed = request([1, 1, 1])
+    typed.inputs[0].contents.fp32_contents.append(1.0)
+    assert header_key(typed) is None

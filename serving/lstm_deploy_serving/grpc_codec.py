@@ -118,6 +118,24 @@ def read_header(request: service_pb2.ModelInferRequest, outputs: Iterable[str]) 
     )
 
 
+def header_key(request: service_pb2.ModelInferRequest) -> bytes | None:
+    """What ``read_header`` reads of the request, as bytes: equal for requests whose headers are
+    equal (the request serialized without its raw tensor data, and how many entries that has).
+    None where the values are in the inputs (typed contents): nothing to reuse."""
+    raw = request.raw_input_contents
+    if not raw:
+        return None
+    head = service_pb2.ModelInferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        parameters=request.parameters,
+        inputs=request.inputs,
+        outputs=request.outputs,
+    )
+    return b"%d:%s" % (len(raw), head.SerializeToString(deterministic=True))
+
+
 def _typed(head: TensorHeader, contents: service_pb2.InferTensorContents) -> np.ndarray:
     name, datatype, shape = head.name, head.datatype, head.shape
     count = math.prod(shape)
@@ -191,6 +209,7 @@ __all__ = [
     "decode_inputs",
     "encode_response",
     "from_json",
+    "header_key",
     "model_config",
     "parameter_values",
     "read_header",

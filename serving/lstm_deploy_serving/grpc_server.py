@@ -32,7 +32,7 @@ from .auth import bearer_matches
 from .config import GRPC_ANNOUNCE, ServeOptions
 from .connections import FrontEndError
 from .errors import NotFound, ServingError
-from .protocol import InferRequest, InferResponse, RequestHeader
+from .protocol import HeaderCache, InferRequest, InferResponse, RequestHeader
 from .service import InferenceService
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -68,6 +68,7 @@ class Servicer:
         self.idle = asyncio.Event()  # no inference call in flight
         self.idle.set()
         self._calls = 0
+        self._headers = HeaderCache()  # checked headers by grpc_codec.header_key
 
     @contextlib.contextmanager
     def _in_flight(self) -> Iterator[None]:
@@ -137,8 +138,7 @@ class Servicer:
         service.check_model(request.model_name, request.model_version)
 
         async def decode(check: Callable[[RequestHeader], None]) -> InferRequest:
-            head = grpc_codec.read_header(request, service.spec.output_specs)
-            check(head)
+            head = self._checked_header(request, check)
             if grpc_codec.typed_values(request) <= grpc_codec.INLINE_TYPED_VALUES:
                 return grpc_codec.decode_inputs(request, head)
             return await service.codec_pool.run_or_refuse(grpc_codec.decode_inputs, request, head)
@@ -147,6 +147,22 @@ class Servicer:
             return grpc_codec.encode_response(response)
 
         return await service.infer(decode, encode, request.model_name)
+
+    def _checked_header(
+        self, request: pb.ModelInferRequest, check: Callable[[RequestHeader], None]
+    ) -> RequestHeader:
+        """``read_header``, then ``check``: once per distinct header, as HTTP's ``HeaderCache``
+        (perf_analyzer, and a service calling one model, send the same header again and again).
+        The header is shared between the requests that send it, never changed."""
+        key = grpc_codec.header_key(request)
+        cached = self._headers.get(key) if key is not None else None
+        if cached is not None:
+            return cached[1]
+        head = grpc_codec.read_header(request, self.service.spec.output_specs)
+        check(head)
+        if key is not None and len(key) <= self._headers.max_text:
+            self._headers.put(key, (None, head))
+        return head
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
