@@ -68,7 +68,7 @@ class Servicer:
         self.idle = asyncio.Event()  # no inference call in flight
         self.idle.set()
         self._calls = 0
-        self._headers = HeaderCache()  # checked headers by grpc_codec.header_key
+        self._headers: HeaderCache[RequestHeader] = HeaderCache()  # by grpc_codec.header_key
 
     @contextlib.contextmanager
     def _in_flight(self) -> Iterator[None]:
@@ -157,11 +157,11 @@ class Servicer:
         key = grpc_codec.header_key(request)
         cached = self._headers.get(key) if key is not None else None
         if cached is not None:
-            return cached[1]
+            return cached
         head = grpc_codec.read_header(request, self.service.spec.output_specs)
         check(head)
-        if key is not None and len(key) <= self._headers.max_text:
-            self._headers.put(key, (None, head))
+        if key is not None:
+            self._headers.put(key, head)
         return head
 
     async def ModelStreamInfer(

@@ -22,7 +22,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -251,27 +251,33 @@ def _load_json(text: bytes, load: Callable[[bytes], Any] = json.loads) -> Any:
         ) from None
 
 
-class HeaderCache:
-    """Checked request headers by their JSON text: the most recent ``size`` of them.
+E = TypeVar("E")
+
+
+class HeaderCache(Generic[E]):
+    """Checked request headers by their bytes (HTTP: the JSON text; gRPC:
+    ``grpc_codec.header_key``): the most recent ``size`` of them.
 
     A client sends the same header again and again (perf_analyzer; a service calling one model
     with a few shapes), so parsing it, checking its fields and the server's ``check_header``
-    run once per distinct header. Only a short header without tensor values (its data binary,
-    after it) that passed the check is kept; the parsed JSON and header are shared, never
-    changed.
+    run once per distinct header. Only a short header (``max_text`` bytes) without tensor values
+    that passed the check is kept; what is kept is shared between requests, never changed.
     """
 
     def __init__(self, size: int = 1024, max_text: int = 4096) -> None:
-        self.size, self.max_text = size, max_text  # at most ~4 MB of text in all
-        self._entries: OrderedDict[bytes, tuple[Any, RequestHeader]] = OrderedDict()
+        self.size, self.max_text = size, max_text  # at most ~4 MB of keys in all
+        self._entries: OrderedDict[bytes, E] = OrderedDict()
 
-    def get(self, text: bytes) -> tuple[Any, RequestHeader] | None:
+    def get(self, text: bytes) -> E | None:
         entry = self._entries.get(text)
         if entry is not None:
             self._entries.move_to_end(text)
         return entry
 
-    def put(self, text: bytes, entry: tuple[Any, RequestHeader]) -> None:
+    def put(self, text: bytes, entry: E) -> None:
+        """Keep ``entry`` under ``text``, unless ``text`` is longer than ``max_text``."""
+        if len(text) > self.max_text:
+            return
         self._entries[text] = entry
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -281,7 +287,7 @@ def _parse_header(
     text: bytes,
     check_header: Callable[[RequestHeader], None] | None,
     load: Callable[[bytes], Any],
-    cache: HeaderCache | None,
+    cache: HeaderCache[tuple[Any, RequestHeader]] | None,
 ) -> tuple[Any, RequestHeader]:
     """The header's JSON and its fields, checked by ``check_header`` before its tensors' values
     are parsed."""
@@ -298,11 +304,7 @@ def _parse_header(
     if skeleton is not text:
         header = _load_json(text, load)
         return header, _read_header(header)
-    if (
-        cache is not None
-        and len(text) <= cache.max_text
-        and not any("data" in i for i in header["inputs"])
-    ):
+    if cache is not None and not any("data" in i for i in header["inputs"]):
         cache.put(text, (header, head))
     return header, head
 
@@ -312,7 +314,7 @@ def parse_infer_request(
     header_length: int | None = None,
     check_header: Callable[[RequestHeader], None] | None = None,
     load_json: Callable[[bytes], Any] | None = None,
-    cache: HeaderCache | None = None,
+    cache: HeaderCache[tuple[Any, RequestHeader]] | None = None,
 ) -> InferRequest:
     """Parse an inference body; ``header_length`` from ``Inference-Header-Content-Length``.
 
